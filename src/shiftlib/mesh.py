@@ -1,0 +1,209 @@
+"""The 2-D (tp, sp) mesh, the collectives of both modes, and where each attention head lives.
+
+Chunk rule (DESIGN.md): the rank at mesh coordinate (t, s) owns head chunk ``c = t * sp + s`` of ``P = tp * sp``
+chunks in *both* modes. That single rule is what lets one paged KV cache serve TP and SP steps alike.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+import torch.distributed._functional_collectives as funcol
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.tensor import DTensor, Replicate, Shard
+
+MESH_DIMS = ("tp", "sp")
+
+
+def _default_device_type() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def ensure_process_group(device_type: str, timeout_s: float = 600.0) -> None:
+    """Join torchrun's process group, or make a one-rank group for a plain ``python`` run.
+
+    A finite timeout bounds how long a rank waits for a peer that died, so a failure elsewhere never
+    leaves this rank hanging forever.
+    """
+    if dist.is_initialized():
+        return
+    backend = "nccl" if device_type == "cuda" else "gloo"
+    timeout = timedelta(seconds=timeout_s)
+    if device_type == "cuda" and "LOCAL_RANK" in os.environ:
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    if "RANK" in os.environ:
+        dist.init_process_group(backend, timeout=timeout)
+    else:
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
+
+
+def init_mesh(tp: int, sp: int, device_type: str | None = None) -> DeviceMesh:
+    """Build the 2-D ``("tp", "sp")`` mesh over the default process group.
+
+    ``sp`` is the inner dimension, so the global rank of mesh coordinate (t, s) is ``t * sp + s``: the head
+    chunk it owns. Under torchrun the process group is created from the environment; in a plain single
+    process a one-rank group is made, so ``init_mesh(1, 1)`` works anywhere.
+
+    Args:
+        tp: tensor-parallel size of SP mode (weights are sharded ``tp`` ways).
+        sp: Ulysses sequence-parallel size (tokens are split ``sp`` ways in SP mode).
+        device_type: ``"cuda"`` or ``"cpu"``; defaults to CUDA when available.
+
+    Returns:
+        A ``DeviceMesh`` of shape ``(tp, sp)`` with dims named ``"tp"`` and ``"sp"``.
+
+    Raises:
+        ValueError: ``tp`` or ``sp`` is not positive, or ``tp * sp`` differs from the world size.
+
+    Example:
+        >>> mesh = shiftlib.init_mesh(tp=2, sp=2)   # under torchrun --nproc-per-node 4
+    """
+    if tp < 1 or sp < 1:
+        raise ValueError(f"tp and sp must be positive integers, got tp={tp}, sp={sp}")
+    device_type = device_type or _default_device_type()
+    ensure_process_group(device_type)
+    world = dist.get_world_size()
+    if tp * sp != world:
+        raise ValueError(
+            f"mesh tp={tp} x sp={sp} = {tp * sp} ranks does not match the world size {world}: "
+            f"launch with `torchrun --nproc-per-node {tp * sp}` or choose tp * sp = {world}"
+        )
+    return init_device_mesh(device_type, (tp, sp), mesh_dim_names=MESH_DIMS)
+
+
+# torch 2.13 renamed all_gather_tensor; the GPU machines run 2.11.
+_all_gather = getattr(funcol, "all_gather_single", None) or funcol.all_gather_tensor
+
+
+def _wait(t: torch.Tensor) -> torch.Tensor:
+    return t.wait() if isinstance(t, funcol.AsyncCollectiveTensor) else t
+
+
+@dataclass(frozen=True)
+class ShiftMesh:
+    """This rank's place on the mesh and the three groups the two modes talk over.
+
+    Collectives are functional (traceable by ``torch.compile``, capturable in CUDA graphs) and skipped
+    outright on groups of one rank.
+    """
+
+    tp: int
+    sp: int
+    t: int
+    s: int
+    tp_group: str | None
+    sp_group: str | None
+    all_group: str | None
+    # chunk_of_rank[g] is the head chunk of the rank at position g of ``all_group``; None when g == chunk.
+    chunk_of_rank: tuple[int, ...] | None
+    device: torch.device
+    device_mesh: DeviceMesh = field(compare=False, repr=False)
+
+    @property
+    def world(self) -> int:
+        return self.tp * self.sp
+
+    @property
+    def chunk(self) -> int:
+        return self.t * self.sp + self.s
+
+    @classmethod
+    def from_device_mesh(cls, mesh: DeviceMesh) -> ShiftMesh:
+        if mesh.ndim != 2 or tuple(mesh.mesh_dim_names or ()) != MESH_DIMS:
+            raise ValueError(
+                f"expected a 2-D DeviceMesh with dims named {MESH_DIMS}, got dims {mesh.mesh_dim_names} "
+                f"of shape {tuple(mesh.shape)}: build it with shiftlib.init_mesh(tp, sp)"
+            )
+        tp, sp = mesh.shape
+        t, s = mesh.get_coordinate()
+        ranks = mesh.mesh  # ranks[t, s] = global rank
+        order = sorted(ranks.flatten().tolist())  # members of a process group are ordered by global rank
+        chunk_of_rank = tuple(int((ranks == r).nonzero()[0, 0] * sp + (ranks == r).nonzero()[0, 1]) for r in order)
+        if chunk_of_rank == tuple(range(tp * sp)):
+            chunk_of_rank = None
+
+        def name(dim: str | None) -> str | None:
+            if dim is None:
+                return None if tp * sp == 1 else mesh._flatten("shift_all").get_group().group_name
+            return mesh.get_group(dim).group_name if mesh.size(MESH_DIMS.index(dim)) > 1 else None
+
+        device = torch.device(mesh.device_type, torch.cuda.current_device()) if mesh.device_type == "cuda" else torch.device("cpu")
+        return cls(tp, sp, t, s, name("tp"), name("sp"), name(None), chunk_of_rank, device, mesh)
+
+    def param(self, local: torch.Tensor, shard_dim: int | None) -> torch.nn.Parameter:
+        """Wrap a rank's local shard as a DTensor parameter: sharded over ``tp`` on ``shard_dim`` (or
+        replicated), always replicated over ``sp``. The DTensor aliases ``local``, which the hot path uses."""
+        placements = [Replicate() if shard_dim is None else Shard(shard_dim), Replicate()]
+        dt = DTensor.from_local(local, self.device_mesh, placements, run_check=False)
+        return torch.nn.Parameter(dt, requires_grad=False)
+
+    def all_reduce(self, x: torch.Tensor, mode: str) -> torch.Tensor:
+        """Sum partial results of a row-parallel layer: over ``tp`` in SP mode, over all ranks in TP mode."""
+        group = self.all_group if mode == "tp" else self.tp_group
+        return x if group is None else _wait(funcol.all_reduce(x, "sum", group))
+
+    def sum_over_sp(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.sp_group is None else _wait(funcol.all_reduce(x, "sum", self.sp_group))
+
+    def all_to_all_sp(self, x: torch.Tensor) -> torch.Tensor:
+        """Exchange equal slices of dim 0 between the ``sp`` ranks (dim 0 indexes destination, then source)."""
+        if self.sp_group is None:
+            return x
+        return _wait(funcol.all_to_all_single(x.contiguous(), None, None, self.sp_group))
+
+    def gather_chunks(self, x: torch.Tensor) -> torch.Tensor:
+        """All-gather each rank's chunk along the last dim, in chunk order (not group-rank order)."""
+        if self.all_group is None:
+            return x
+        parts = _wait(_all_gather(x.contiguous(), 0, self.all_group)).view(self.world, *x.shape)
+        if self.chunk_of_rank is not None:
+            parts = parts[torch.tensor(sorted(range(self.world), key=self.chunk_of_rank.__getitem__), device=x.device)]
+        return parts.movedim(0, -2).flatten(-2)
+
+
+@dataclass(frozen=True)
+class HeadMap:
+    """Which query and key/value heads belong to which head chunk.
+
+    Chunk ``c`` holds query heads ``[c*H/P, (c+1)*H/P)``. With ``K >= P`` KV heads it holds KV heads
+    ``[c*K/P, (c+1)*K/P)``; with ``K < P`` the KV head ``c*K//P`` is replicated to every chunk that uses it.
+    """
+
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    world: int
+
+    def __post_init__(self) -> None:
+        H, K, P = self.num_heads, self.num_kv_heads, self.world
+        if H % P:
+            raise ValueError(
+                f"num_attention_heads={H} is not divisible by tp*sp={P}: every rank needs the same number of "
+                f"query heads; choose tp*sp among the divisors of {H}"
+            )
+        if H % K:
+            raise ValueError(f"num_attention_heads={H} is not a multiple of num_key_value_heads={K}")
+        if (K >= P and K % P) or (K < P and P % K):
+            raise ValueError(
+                f"num_key_value_heads={K} and tp*sp={P} do not divide one another: each rank needs whole KV "
+                f"heads (K % P == 0) or an exact share of a replicated one (P % K == 0)"
+            )
+
+    @property
+    def q_per_chunk(self) -> int:
+        return self.num_heads // self.world
+
+    @property
+    def kv_per_chunk(self) -> int:
+        return max(self.num_kv_heads // self.world, 1)
+
+    def kv_heads(self, chunk: int) -> range:
+        first = chunk * self.num_kv_heads // self.world
+        return range(first, first + self.kv_per_chunk)
+
+    def q_heads(self, chunk: int) -> range:
+        return range(chunk * self.q_per_chunk, (chunk + 1) * self.q_per_chunk)

@@ -1,0 +1,119 @@
+"""Attention over a paged KV cache: the batch description both modes share, and the exact backend.
+
+After the Ulysses all-to-all (SP mode) or directly (TP mode) a rank holds *every* token of the step for its own
+head chunk, so one attention function serves both modes. Context index ``j`` of sequence ``b`` lives in cache
+slot ``block_tables[b, j // block_size] * block_size + j % block_size``; a query at context index ``i`` sees the keys at indices ``<= i`` (and
+``> i - window`` for sliding-window layers).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class AttentionBatch:
+    """What attention needs to know about one step, identical on every rank.
+
+    Tokens of sequence ``b`` occupy rows ``query_start[b]:query_start[b + 1]`` of the step; rows past
+    ``query_start[-1]`` are padding (``seq_idx == -1``), written to the cache's trash slot and never attended.
+    """
+
+    seq_idx: torch.Tensor  # (N,) sequence of each token, -1 for padding
+    query_pos: torch.Tensor  # (N,) index of each token within its sequence's context (causal order)
+    write_slots: torch.Tensor  # (N,) cache slot that receives the token's K/V
+    block_tables: torch.Tensor  # (B, M) int32: cache block holding context indices [j*bs, (j+1)*bs)
+    block_size: int
+    context_lens: torch.Tensor  # (B,) context length after this step
+    query_start: list[int]  # host copy, B + 1 offsets
+    context_lens_host: list[int]
+
+    @property
+    def num_tokens(self) -> int:
+        return self.seq_idx.shape[0]
+
+    @property
+    def is_decode(self) -> bool:
+        """Every sequence brings exactly one new token (the CUDA-graph case)."""
+        return all(b - a == 1 for a, b in zip(self.query_start, self.query_start[1:]))
+
+    def padded(self, n: int, trash_slot: int = 0) -> AttentionBatch:
+        """The same batch with ``n - num_tokens`` padding rows appended."""
+        extra = n - self.num_tokens
+        if extra <= 0:
+            return self
+
+        def pad(x: torch.Tensor, value: int) -> torch.Tensor:
+            return torch.cat([x, x.new_full((extra,), value)])
+
+        return replace(
+            self,
+            seq_idx=pad(self.seq_idx, -1),
+            query_pos=pad(self.query_pos, 0),
+            write_slots=pad(self.write_slots, trash_slot),
+        )
+
+    @classmethod
+    def dense(cls, batch: int, seq_len: int, device: torch.device) -> AttentionBatch:
+        """Full causal sequences with no cache: the step's own tokens are the keys (slot = row)."""
+        rows = torch.arange(batch * seq_len, device=device)
+        return cls(
+            seq_idx=rows // seq_len,
+            query_pos=rows % seq_len,
+            write_slots=rows,
+            block_tables=torch.arange(batch, device=device, dtype=torch.int32)[:, None],
+            block_size=seq_len,
+            context_lens=torch.full((batch,), seq_len, device=device),
+            query_start=list(range(0, batch * seq_len + 1, seq_len)),
+            context_lens_host=[seq_len] * batch,
+        )
+
+
+def attend(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    batch: AttentionBatch,
+    kv_cache: tuple[torch.Tensor, torch.Tensor] | None,
+    scale: float,
+    window: int | None,
+) -> torch.Tensor:
+    """Store the step's K/V, then attend. q: (N, hq, d); k, v: (N, hkv, d); cache: (slots, hkv, d) each.
+
+    Without a cache the step's own K/V are the key store (``AttentionBatch.dense``).
+    """
+    if kv_cache is None:
+        k_store, v_store = k, v
+    else:
+        k_store, v_store = kv_cache
+        k_store.index_copy_(0, batch.write_slots, k)
+        v_store.index_copy_(0, batch.write_slots, v)
+    return _attend_exact(q, k_store, v_store, batch, scale, window)
+
+
+def _attend_exact(q, k_store, v_store, batch: AttentionBatch, scale: float, window: int | None) -> torch.Tensor:
+    """Reference path: one SDPA per sequence over its gathered context. Exact on CPU, any dtype."""
+    out = q.new_zeros(q.shape)
+    for b, length in enumerate(batch.context_lens_host):
+        lo, hi = batch.query_start[b], batch.query_start[b + 1]
+        if hi == lo:
+            continue
+        keys = torch.arange(length, device=q.device)
+        slots = batch.block_tables[b, keys // batch.block_size].long() * batch.block_size + keys % batch.block_size
+        qpos = batch.query_pos[lo:hi, None]
+        mask = keys <= qpos
+        if window is not None:
+            mask &= keys > qpos - window
+        o = F.scaled_dot_product_attention(
+            q[lo:hi].transpose(0, 1),
+            k_store[slots].transpose(0, 1),
+            v_store[slots].transpose(0, 1),
+            attn_mask=mask,
+            scale=scale,
+            enable_gqa=True,
+        )
+        out[lo:hi] = o.transpose(0, 1)
+    return out
