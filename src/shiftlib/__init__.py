@@ -4,8 +4,9 @@ Each step runs in full tensor parallelism (small batches, lowest latency) or in 
 x TP (large batches, highest throughput) over one set of weights and one paged KV cache.
 """
 
+from shiftlib.engine import Engine, SamplingParams, generate
 from shiftlib.mesh import init_mesh
 from shiftlib.plan import mode, parallelize
 
-__all__ = ["init_mesh", "mode", "parallelize"]
+__all__ = ["Engine", "SamplingParams", "generate", "init_mesh", "mode", "parallelize"]
 __version__ = "0.1.0"

@@ -146,6 +146,10 @@ class ShiftMesh:
         group = self.all_group if mode == "tp" else self.tp_group
         return x if group is None else _wait(funcol.all_reduce(x, "sum", group))
 
+    def reduce_all(self, x: torch.Tensor, op: str) -> torch.Tensor:
+        """``op`` ("min", "max", "sum") over every rank of the mesh: how ranks agree on one value."""
+        return x if self.all_group is None else _wait(funcol.all_reduce(x, op, self.all_group))
+
     def sum_over_sp(self, x: torch.Tensor) -> torch.Tensor:
         return x if self.sp_group is None else _wait(funcol.all_reduce(x, "sum", self.sp_group))
 

@@ -30,30 +30,30 @@ class AttentionBatch:
     context_lens: torch.Tensor  # (B,) context length after this step
     query_start: list[int]  # host copy, B + 1 offsets
     context_lens_host: list[int]
+    decode: bool = False  # row i is the single new token of sequence i (the CUDA-graph case)
 
     @property
     def num_tokens(self) -> int:
         return self.seq_idx.shape[0]
 
-    @property
-    def is_decode(self) -> bool:
-        """Every sequence brings exactly one new token (the CUDA-graph case)."""
-        return all(b - a == 1 for a, b in zip(self.query_start, self.query_start[1:]))
-
     def padded(self, n: int, trash_slot: int = 0) -> AttentionBatch:
-        """The same batch with ``n - num_tokens`` padding rows appended."""
+        """The same batch with ``n - num_tokens`` padding rows appended, as empty sequences of their own."""
         extra = n - self.num_tokens
         if extra <= 0:
             return self
 
         def pad(x: torch.Tensor, value: int) -> torch.Tensor:
-            return torch.cat([x, x.new_full((extra,), value)])
+            return torch.cat([x, x.new_full((extra, *x.shape[1:]), value)])
 
         return replace(
             self,
             seq_idx=pad(self.seq_idx, -1),
             query_pos=pad(self.query_pos, 0),
             write_slots=pad(self.write_slots, trash_slot),
+            block_tables=pad(self.block_tables, 0),
+            context_lens=pad(self.context_lens, 0),
+            query_start=self.query_start + [self.query_start[-1]] * extra,
+            context_lens_host=self.context_lens_host + [0] * extra,
         )
 
     @classmethod

@@ -1,0 +1,299 @@
+"""The engine loop: requests in, one scheduled step at a time, tokens out."""
+
+from __future__ import annotations
+
+import time
+import weakref
+from dataclasses import dataclass
+from typing import Iterable, Iterator, Sequence as Seq
+
+import torch
+from torch import nn
+
+from shiftlib.cache import BlockAllocator, PagedKVCache
+from shiftlib.engine.runner import Runner
+from shiftlib.engine.sampler import SamplingParams, sample
+from shiftlib.engine.scheduler import Scheduler
+from shiftlib.engine.sequence import Sequence, Status
+from shiftlib.modules.model import check_mode
+from shiftlib.plan import shift_model
+
+CPU_DEFAULT_BLOCKS = 1024
+
+
+@dataclass(frozen=True)
+class StepStats:
+    """What one step did; benchmarks read these."""
+
+    mode: str
+    num_tokens: int
+    num_seqs: int
+    num_sampled: int
+    preempted: int
+    seconds: float
+
+
+@dataclass(frozen=True)
+class Completion:
+    id: int
+    prompt: list[int]
+    tokens: list[int]
+    finish_reason: str
+    ttft_s: float
+    latency_s: float
+
+
+class Engine:
+    """Continuous-batching generation over a paged KV cache, switching mode at every step.
+
+    Args:
+        model: a model returned by :func:`shiftlib.parallelize` or :func:`shiftlib.from_pretrained`.
+        num_blocks: KV-cache blocks per rank. Default: on GPU, ``memory_fraction`` of the free memory (the
+            minimum over ranks); on CPU, 1024.
+        block_size: tokens per cache block.
+        max_num_tokens: token budget of one step (prefills are chunked to fit it).
+        max_num_seqs: requests running at once.
+        mode: ``"auto"`` (switch by the step's token count), ``"tp"`` or ``"sp"``.
+        threshold: the switch point in tokens; ``None`` keeps the model's.
+        memory_fraction: share of free GPU memory the cache may take.
+
+    Raises:
+        ValueError: unknown mode, a model that was not parallelized, a non-positive budget.
+
+    Example:
+        >>> engine = shiftlib.Engine(model, num_blocks=256)
+        >>> rid = engine.add_request([1, 2, 3], SamplingParams(max_new_tokens=8))
+        >>> while engine.has_unfinished:
+        ...     for request_id, token in engine.step():
+        ...         print(request_id, token)
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        num_blocks: int | None = None,
+        block_size: int = 16,
+        max_num_tokens: int = 4096,
+        max_num_seqs: int = 256,
+        mode: str = "auto",
+        threshold: int | None = None,
+        memory_fraction: float = 0.9,
+    ) -> None:
+        self.model, self.shift = model, shift_model(model)
+        self.mode, self.threshold = check_mode(mode), threshold
+        mesh, config = self.shift.mesh, self.shift.config
+        attn = self.shift.layers[0].self_attn
+        kv_heads, head_dim, dtype = attn.heads.kv_per_chunk, attn.heads.head_dim, attn._qkv.dtype
+        layers = len(self.shift.layers)
+        if num_blocks is None:
+            num_blocks = self._blocks_from_memory(layers, block_size, kv_heads, head_dim, dtype, memory_fraction)
+        self.cache = PagedKVCache(layers, num_blocks, block_size, kv_heads, head_dim, dtype, mesh.device)
+        self.scheduler = Scheduler(BlockAllocator(num_blocks), block_size, max_num_tokens, max_num_seqs)
+        self.runner = Runner(model, self.shift, self.cache)
+        self.max_context = config.max_position_embeddings
+        self.stop_ids = _eos_ids(model)
+        self.stats: list[StepStats] = []
+        self.requests: dict[int, Sequence] = {}
+        self._next_id = 0
+        # A base seed shared by every rank (the largest of one random draw per rank) for unseeded requests.
+        self._base_seed = int(mesh.reduce_all(torch.randint(0, 2**40, (1,), device=mesh.device), "max"))
+
+    def _blocks_from_memory(self, layers, block_size, kv_heads, head_dim, dtype, fraction) -> int:
+        mesh = self.shift.mesh
+        if mesh.device.type != "cuda":
+            return CPU_DEFAULT_BLOCKS
+        free, _ = torch.cuda.mem_get_info(mesh.device)
+        per_block = PagedKVCache.bytes_per_block(layers, block_size, kv_heads, head_dim, dtype)
+        blocks = int(mesh.reduce_all(torch.tensor([int(free * fraction) // per_block], device=mesh.device), "min"))
+        if blocks < 1:
+            raise ValueError(f"no GPU memory left for the KV cache ({free / 2**30:.2f} GiB free): free GPU memory or "
+                             f"raise memory_fraction")
+        return blocks
+
+    # -- requests -----------------------------------------------------------------------------------------
+    def add_request(self, prompt: list[int] | str, params: SamplingParams | None = None) -> int:
+        """Queue a request; returns its id. Bad input raises here and leaves the engine serving the others.
+
+        Raises:
+            ValueError: empty prompt, token ids outside the vocabulary, prompt (plus ``max_new_tokens``)
+                longer than the model's context or than the whole KV cache.
+        """
+        params = params or SamplingParams()
+        prompt = self._encode(prompt)
+        vocab = self.shift.config.vocab_size
+        if not prompt:
+            raise ValueError("empty prompt: a request needs at least one token")
+        if min(prompt) < 0 or max(prompt) >= vocab:
+            raise ValueError(f"prompt has token ids outside the vocabulary [0, {vocab})")
+        total = len(prompt) + params.max_new_tokens
+        if total > self.max_context:
+            raise ValueError(
+                f"prompt of {len(prompt)} tokens + max_new_tokens={params.max_new_tokens} exceeds the model's "
+                f"context of {self.max_context} tokens: shorten the prompt or lower max_new_tokens"
+            )
+        if total > self.cache.capacity_tokens:
+            raise ValueError(
+                f"prompt of {len(prompt)} tokens + max_new_tokens={params.max_new_tokens} exceeds the KV cache "
+                f"({self.cache.capacity_tokens} tokens): raise num_blocks or memory_fraction, or shorten the request"
+            )
+        rid = self._next_id
+        self._next_id += 1
+        seed = params.seed if params.seed is not None else self._base_seed + rid
+        gen = torch.Generator(device=self.shift.mesh.device).manual_seed(seed) if params.temperature > 0 else None
+        seq = Sequence(rid, prompt, params, gen)
+        self.requests[rid] = seq
+        self.scheduler.add(seq)
+        if params.max_new_tokens == 0:
+            self._finish(seq, "length")
+        return rid
+
+    def _encode(self, prompt: list[int] | str) -> list[int]:
+        if isinstance(prompt, str):
+            tok = getattr(self.model, "tokenizer", None)
+            if tok is None:
+                raise ValueError("string prompts need a tokenizer: load with shiftlib.from_pretrained, or pass token ids")
+            return tok.encode(prompt)
+        return [int(t) for t in prompt]
+
+    def _finish(self, seq: Sequence, reason: str) -> None:
+        seq.finish_reason, seq.finish_time = reason, time.perf_counter()
+        if seq.status is Status.RUNNING:
+            self.scheduler.finish(seq)
+        else:
+            if seq in self.scheduler.waiting:
+                self.scheduler.waiting.remove(seq)
+            seq.status = Status.FINISHED
+
+    @property
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_work
+
+    def pick_mode(self, num_tokens: int) -> str:
+        threshold = self.shift.threshold if self.threshold is None else self.threshold
+        if self.mode == "auto":
+            return "tp" if num_tokens <= threshold else "sp"
+        return self.mode
+
+    # -- the loop -----------------------------------------------------------------------------------------
+    def step(self) -> list[tuple[int, int]]:
+        """Run one step; return the ``(request id, token)`` pairs it produced."""
+        start = time.perf_counter()
+        plan = self.scheduler.schedule(self.pick_mode)
+        if not plan.work:
+            return []
+        logits, sampled = self.runner.run(plan)
+        tokens = sample(logits, [s.params for s in sampled], [s.generator for s in sampled]) if sampled else []
+        now = time.perf_counter()
+        for seq, n in plan.work:
+            seq.num_cached += n
+        events = []
+        for seq, token in zip(sampled, tokens):
+            seq.output.append(token)
+            seq.first_token_time = seq.first_token_time or now
+            events.append((seq.id, token))
+            if token in seq.params.stop_token_ids or (not seq.params.ignore_eos and token in self.stop_ids):
+                self._finish(seq, "stop")
+            elif len(seq.output) >= seq.params.max_new_tokens:
+                self._finish(seq, "length")
+        self.stats.append(StepStats(plan.mode, plan.num_tokens, len(plan.work), len(sampled), plan.preempted, now - start))
+        return events
+
+    def stream(self) -> Iterator[tuple[int, int]]:
+        """Step until every queued request is finished, yielding tokens as they are produced."""
+        while self.has_unfinished:
+            yield from self.step()
+
+    def completion(self, rid: int) -> Completion:
+        seq = self.requests[rid]
+        if seq.status is not Status.FINISHED:
+            raise ValueError(f"request {rid} is not finished")
+        first = seq.first_token_time or seq.finish_time
+        return Completion(rid, seq.prompt, list(seq.output), seq.finish_reason, first - seq.arrival, seq.finish_time - seq.arrival)
+
+    def generate(self, prompts: Iterable[list[int] | str], params: SamplingParams | Seq[SamplingParams] | None = None) -> list[list[int]]:
+        """Run ``prompts`` to completion (continuous batching) and return each one's new tokens, in order."""
+        prompts = list(prompts)
+        if params is None or isinstance(params, SamplingParams):
+            params = [params or SamplingParams()] * len(prompts)
+        ids = [self.add_request(p, sp) for p, sp in zip(prompts, params)]
+        for _ in self.stream():
+            pass
+        return [self.requests.pop(i).output for i in ids]
+
+
+def _eos_ids(model: nn.Module) -> frozenset[int]:
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if eos is None:
+        eos = getattr(model.config, "eos_token_id", None)
+    if eos is None:
+        return frozenset()
+    return frozenset([eos] if isinstance(eos, int) else eos)
+
+
+_engines: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def generate(
+    model: nn.Module,
+    prompts: Iterable[list[int] | str],
+    max_new_tokens: int = 16,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    seed: int | None = None,
+    mode: str = "auto",
+    threshold: int | None = None,
+    stop_token_ids: Iterable[int] = (),
+    ignore_eos: bool = False,
+    return_text: bool = False,
+    **engine_kwargs,
+) -> list[list[int]] | list[str]:
+    """Generate continuations for a batch of prompts with a parallelized model.
+
+    Every rank calls it with the same arguments and gets the same result. The engine (and its KV cache) is
+    built on first use and kept with the model for later calls with the same ``engine_kwargs``.
+
+    Args:
+        model: from :func:`shiftlib.parallelize` or :func:`shiftlib.from_pretrained`.
+        prompts: lists of token ids, or strings when the model has a tokenizer.
+        max_new_tokens, temperature, top_p, top_k: sampling; ``temperature=0`` is greedy.
+        seed: request ``i`` samples with seed ``seed + i``; ``None`` draws one seed shared by all ranks.
+        mode: ``"auto"``, ``"tp"`` or ``"sp"`` for this call.
+        threshold: switch point in tokens for this call; ``None`` keeps the model's.
+        stop_token_ids: extra tokens that end a request (EOS always does unless ``ignore_eos``).
+        return_text: decode the new tokens with the model's tokenizer.
+        **engine_kwargs: passed to :class:`Engine` (``num_blocks``, ``block_size``, ``max_num_tokens``, ...).
+
+    Returns:
+        The new tokens of each prompt (without the prompt), or their text with ``return_text``.
+
+    Raises:
+        ValueError: empty prompt, prompt longer than the context or the cache, ``max_new_tokens < 0``, unknown
+            mode, sampling values out of range.
+
+    Example:
+        >>> shiftlib.generate(model, [[1, 2, 3], [4, 5]], max_new_tokens=8)
+    """
+    key = tuple(sorted(engine_kwargs.items()))
+    engine = _engines.get(model, {}).get(key)
+    if engine is None:
+        engine = Engine(model, **engine_kwargs)
+        _engines.setdefault(model, {})[key] = engine
+    previous = engine.mode, engine.threshold
+    engine.mode, engine.threshold = check_mode(mode), threshold
+    try:
+        prompts = list(prompts)
+        params = [
+            SamplingParams(max_new_tokens, temperature, top_p, top_k, None if seed is None else seed + i, tuple(stop_token_ids), ignore_eos)
+            for i in range(len(prompts))
+        ]
+        outputs = engine.generate(prompts, params)
+    finally:
+        engine.mode, engine.threshold = previous
+    if return_text:
+        tok = getattr(model, "tokenizer", None)
+        if tok is None:
+            raise ValueError("return_text needs a tokenizer: load the model with shiftlib.from_pretrained")
+        return [tok.decode(o, skip_special_tokens=True) for o in outputs]
+    return outputs

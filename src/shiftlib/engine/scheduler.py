@@ -1,0 +1,93 @@
+"""Continuous batching: which requests run this step, with how many tokens, and in which mode.
+
+Every rank runs the same scheduler on the same requests, so all ranks reach the same plan (and the same mode)
+without talking. Order of service: decodes first (one token each, latency-critical), then prefills in chunks
+under the step's token budget. When cache blocks run out, the newest running request is preempted: its blocks
+are freed and it is recomputed later from its prompt and the tokens it already produced.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+from shiftlib.cache import BlockAllocator
+from shiftlib.engine.sequence import Sequence, Status
+
+
+@dataclass
+class StepPlan:
+    work: list[tuple[Sequence, int]]  # (request, tokens to run this step)
+    mode: str
+    preempted: int
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(n for _, n in self.work)
+
+
+class Scheduler:
+    def __init__(self, allocator: BlockAllocator, block_size: int, max_num_tokens: int, max_num_seqs: int) -> None:
+        if max_num_tokens < 1 or max_num_seqs < 1:
+            raise ValueError(f"max_num_tokens and max_num_seqs must be >= 1, got {max_num_tokens}, {max_num_seqs}")
+        self.allocator, self.block_size = allocator, block_size
+        self.max_num_tokens, self.max_num_seqs = max_num_tokens, max_num_seqs
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def _blocks_needed(self, seq: Sequence, n: int) -> int:
+        return -(-(seq.num_cached + n) // self.block_size) - len(seq.blocks)
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.allocator.free(seq.blocks)
+        seq.blocks, seq.num_cached, seq.status = [], 0, Status.WAITING
+        self.running.remove(seq)
+        self.waiting.appendleft(seq)
+
+    def schedule(self, pick_mode) -> StepPlan:
+        """Plan one step; ``pick_mode(num_tokens)`` turns the step's token count into ``"tp"`` or ``"sp"``."""
+        budget, work, preempted = self.max_num_tokens, [], 0
+        scheduled: set[int] = set()
+        # Running requests, decodes before prefill chunks, oldest first.
+        for seq in sorted(self.running, key=lambda s: (s.pending > 1, s.arrival)):
+            if seq.status is not Status.RUNNING or budget == 0:
+                continue
+            n = min(seq.pending, budget)
+            while self._blocks_needed(seq, n) > self.allocator.num_free:
+                victim = max((s for s in self.running if s.id not in scheduled), key=lambda s: s.arrival)
+                self._preempt(victim)
+                preempted += 1
+                if victim is seq:
+                    break
+            if seq.status is not Status.RUNNING:
+                continue
+            seq.blocks += self.allocator.allocate(self._blocks_needed(seq, n))
+            work.append((seq, n))
+            scheduled.add(seq.id)
+            budget -= n
+        # Admit waiting requests while tokens, sequences and blocks allow (no preemption for newcomers).
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[0]
+            n = min(seq.pending, budget)
+            if self._blocks_needed(seq, n) > self.allocator.num_free:
+                break
+            self.waiting.popleft()
+            seq.status = Status.RUNNING
+            seq.blocks += self.allocator.allocate(self._blocks_needed(seq, n))
+            self.running.append(seq)
+            work.append((seq, n))
+            budget -= n
+        total = sum(n for _, n in work)
+        return StepPlan(work, pick_mode(total) if work else "tp", preempted)
+
+    def finish(self, seq: Sequence) -> None:
+        self.allocator.free(seq.blocks)
+        seq.blocks, seq.status = [], Status.FINISHED
+        self.running.remove(seq)
