@@ -1,0 +1,144 @@
+"""The engine: Hugging Face's greedy tokens in every mode and mesh, through switches, batching and preemption."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import shiftlib
+from helpers import ALL_FAMILIES, SHAPES, hf_greedy, parallel, prompts
+from shiftlib import Engine, SamplingParams
+from shiftlib.engine.sampler import top_k_mask, top_p_mask
+
+LENGTHS = (5, 17, 30)
+NEW = 10
+
+
+def _greedy_matches(world: int) -> list[tuple]:
+    """Every family x shape, in modes tp / sp / auto; auto thresholds switch between prefill and decode
+    (threshold 8) and in the middle of decoding (threshold 2: three decodes run SP, two or fewer TP)."""
+    ps = prompts(LENGTHS)
+    want = [hf_greedy(f, p, NEW) for f in ALL_FAMILIES for p in ps]
+    mismatches = []
+    for tp, sp in SHAPES[world]:
+        models = {f: parallel(f, tp, sp) for f in ALL_FAMILIES}
+        for mode, threshold in (("tp", None), ("sp", None), ("auto", 8), ("auto", 2)):
+            got = []
+            for f in ALL_FAMILIES:
+                engine = Engine(models[f], num_blocks=32, block_size=4, mode=mode, threshold=threshold)
+                params = [SamplingParams(max_new_tokens=NEW - i) for i in range(len(ps))]  # finish at different steps
+                outs = engine.generate(ps, params)
+                got += [o + w[len(o):] for o, w in zip(outs, want[len(got) : len(got) + len(ps)])]
+                if mode == "auto":
+                    assert {s.mode for s in engine.stats} == {"tp", "sp"}, (f, threshold, engine.stats)
+            if got != want:
+                mismatches.append((tp, sp, mode, threshold))
+    return mismatches
+
+
+@pytest.mark.parametrize("world", [1, 2, 4])
+def test_greedy_tokens_equal_hugging_face_in_every_mode_mesh_and_family(ranks, world):
+    assert ranks(world).run(_greedy_matches, world) == [[]] * world
+
+
+def _staggered(tp: int, sp: int, num_blocks: int, block_size: int, budget: int, threshold: int, lengths, arrivals) -> tuple:
+    """Requests join at different steps; the cache may be too small for all of them (preemption)."""
+    ps = prompts(lengths, seed=len(lengths))
+    want = [hf_greedy("llama", p, NEW) for p in ps]
+    model = parallel("llama", tp, sp)
+    engine = Engine(model, num_blocks=num_blocks, block_size=block_size, max_num_tokens=budget, threshold=threshold)
+    ids, step = {}, 0
+    while len(ids) < len(ps) or engine.has_unfinished:
+        for i, at in enumerate(arrivals):
+            if at == step:
+                ids[i] = engine.add_request(ps[i], SamplingParams(max_new_tokens=NEW))
+        engine.step()
+        step += 1
+    got = [engine.completion(ids[i]).tokens for i in range(len(ps))]
+    return got == want, sum(s.preempted for s in engine.stats), {s.mode for s in engine.stats}
+
+
+def test_staggered_arrivals_give_each_prompt_its_tokens_alone(ranks):
+    for ok, _, modes in ranks(4).run(_staggered, 2, 2, 64, 4, 16, 6, (9, 3, 21, 14), (0, 1, 1, 5)):
+        assert ok and modes == {"tp", "sp"}
+
+
+def test_preemption_recomputes_without_changing_tokens(ranks):
+    # 10 blocks x 4 tokens cannot hold three requests of ~30 tokens: the newest is preempted and recomputed.
+    for ok, preempted, _ in ranks(2).run(_staggered, 1, 2, 10, 4, 12, 6, (20, 25, 22), (0, 0, 2)):
+        assert ok and preempted > 0
+
+
+@settings(max_examples=10, deadline=None, suppress_health_check=list(HealthCheck))
+@given(
+    lengths=st.lists(st.integers(1, 24), min_size=1, max_size=4),
+    block_size=st.sampled_from([1, 2, 4, 16]),
+    threshold=st.integers(0, 40),
+    budget=st.integers(4, 48),
+    spare_blocks=st.integers(0, 40),
+    shape=st.sampled_from(SHAPES[2]),
+)
+def test_any_schedule_gives_hugging_face_tokens(ranks, lengths, block_size, threshold, budget, spare_blocks, shape):
+    # Enough blocks for the longest request alone, plus a random margin: sometimes preemption, never a stall.
+    need = -(-(max(lengths) + NEW) // block_size)
+    arrivals = tuple(range(len(lengths)))
+    results = ranks(2).run(_staggered, *shape, need + spare_blocks, block_size, budget, threshold, tuple(lengths), arrivals)
+    assert all(ok for ok, _, _ in results)
+
+
+def _sampled(seed: int | None) -> list[list[int]]:
+    model = parallel("qwen3", 1, 2)
+    return shiftlib.generate(model, prompts((4, 9)), max_new_tokens=12, temperature=0.9, top_k=50, top_p=0.9, seed=seed)
+
+
+def test_sampling_with_a_seed_is_identical_on_every_rank_and_across_runs(ranks):
+    first, again = ranks(2).run(_sampled, 7), ranks(2).run(_sampled, 7)
+    assert first[0] == first[1] == again[0] == again[1]
+    assert ranks(2).run(_sampled, 8)[0] != first[0]
+    unseeded = ranks(2).run(_sampled, None)
+    assert unseeded[0] == unseeded[1]  # still the same on every rank
+
+
+def test_top_k_keeps_the_k_largest_logits():
+    logits = torch.tensor([[1.0, 5.0, 3.0, 4.0, 2.0]])
+    assert torch.isfinite(top_k_mask(logits, 2)).tolist() == [[False, True, False, True, False]]
+    assert torch.equal(top_k_mask(logits, 0), logits)
+
+
+def test_top_p_keeps_the_smallest_set_reaching_p():
+    probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
+    kept = torch.isfinite(top_p_mask(probs.log(), 0.75)).tolist()
+    assert kept == [[True, True, False, False]]
+    assert torch.isfinite(top_p_mask(probs.log(), 0.01)).tolist() == [[True, False, False, False]]
+
+
+def _bad_requests() -> list[str]:
+    model = parallel("llama", 1, 2)
+    engine = Engine(model, num_blocks=8, block_size=4)
+    good = engine.add_request(prompts((6,))[0], SamplingParams(max_new_tokens=4))
+    engine.step()
+    messages = []
+    for bad, words in (
+        (lambda: engine.add_request([], SamplingParams()), "empty prompt"),
+        (lambda: engine.add_request([1] * 40, SamplingParams(max_new_tokens=1)), "KV cache"),
+        (lambda: engine.add_request([1] * 1000, SamplingParams(max_new_tokens=100)), "context of 1024"),
+        (lambda: engine.add_request([300], SamplingParams()), "outside the vocabulary"),
+        (lambda: SamplingParams(max_new_tokens=-1), "max_new_tokens"),
+        (lambda: SamplingParams(top_p=0), "top_p"),
+        (lambda: Engine(model, mode="fast"), "unknown mode 'fast'"),
+        (lambda: shiftlib.generate(model, ["hello"]), "tokenizer"),
+    ):
+        with pytest.raises(ValueError) as info:
+            bad()
+        assert words in str(info.value), str(info.value)
+        messages.append(str(info.value))
+    while engine.has_unfinished:  # the good request is still served
+        engine.step()
+    assert engine.completion(good).tokens == hf_greedy("llama", prompts((6,))[0], NEW)[:4]
+    return messages
+
+
+def test_bad_requests_get_clear_errors_and_the_engine_keeps_serving(ranks):
+    ranks(2).run(_bad_requests)
