@@ -56,6 +56,8 @@ class Engine:
         mode: ``"auto"`` (switch by the step's token count), ``"tp"`` or ``"sp"``.
         threshold: the switch point in tokens; ``None`` keeps the model's.
         memory_fraction: share of free GPU memory the cache may take.
+        cuda_graphs: replay decode steps as CUDA graphs (GPU only), one per mode and batch bucket.
+        max_graph_batch: the largest decode batch that gets a graph; larger ones run eagerly.
 
     Raises:
         ValueError: unknown mode, a model that was not parallelized, a non-positive budget.
@@ -79,6 +81,8 @@ class Engine:
         mode: str = "auto",
         threshold: int | None = None,
         memory_fraction: float = 0.9,
+        cuda_graphs: bool = True,
+        max_graph_batch: int = 256,
     ) -> None:
         self.model, self.shift = model, shift_model(model)
         self.mode, self.threshold = check_mode(mode), threshold
@@ -90,8 +94,8 @@ class Engine:
             num_blocks = self._blocks_from_memory(layers, block_size, kv_heads, head_dim, dtype, memory_fraction)
         self.cache = PagedKVCache(layers, num_blocks, block_size, kv_heads, head_dim, dtype, mesh.device)
         self.scheduler = Scheduler(BlockAllocator(num_blocks), block_size, max_num_tokens, max_num_seqs)
-        self.runner = Runner(model, self.shift, self.cache)
         self.max_context = config.max_position_embeddings
+        self.runner = Runner(model, self.shift, self.cache, self.max_context, cuda_graphs, max_graph_batch)
         self.stop_ids = _eos_ids(model)
         self.stats: list[StepStats] = []
         self.requests: dict[int, Sequence] = {}

@@ -1,4 +1,10 @@
-"""Turns a step plan into tensors, runs the model in the step's mode, and returns logits of sampled rows."""
+"""Turns a step plan into tensors, runs the model in the step's mode, and returns logits of sampled rows.
+
+Decode steps on GPU replay CUDA graphs, one per (mode, batch bucket): inputs are copied into static buffers,
+padding rows write to the cache's trash slot and attend to nothing, and SP-mode buckets are multiples of ``sp``
+so no step pads again inside the graph. Prefill and mixed steps run eagerly (their shapes vary, and their GEMMs
+are large enough that launch overhead does not matter).
+"""
 
 from __future__ import annotations
 
@@ -10,11 +16,28 @@ from shiftlib.engine.sequence import Sequence
 from shiftlib.modules.model import ShiftModel
 from shiftlib.paged_attention import AttentionBatch
 
+GRAPH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256, 320, 384, 448, 512)
+
 
 class Runner:
-    def __init__(self, model, shift: ShiftModel, cache: PagedKVCache) -> None:
+    def __init__(self, model, shift: ShiftModel, cache: PagedKVCache, max_context: int, cuda_graphs: bool, max_graph_batch: int) -> None:
         self.model, self.shift, self.cache = model, shift, cache
         self.device = shift.mesh.device
+        self.graphs: dict[tuple[str, int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}  # (mode, batch, width)
+        self.use_graphs = cuda_graphs and self.device.type == "cuda"
+        if self.use_graphs:
+            n = max(b for b in GRAPH_BUCKETS if b <= max(max_graph_batch, 1))
+            self.buckets = sorted({-(-b // shift.mesh.sp) * shift.mesh.sp for b in GRAPH_BUCKETS if b <= n} | {b for b in GRAPH_BUCKETS if b <= n})
+            width = -(-min(max_context, cache.capacity_tokens) // cache.block_size)
+            long = dict(dtype=torch.long, device=self.device)
+            self.static = dict(
+                tokens=torch.zeros(self.buckets[-1], **long),
+                positions=torch.zeros(self.buckets[-1], **long),
+                write_slots=torch.full((self.buckets[-1],), cache.trash_slot, **long),
+                block_tables=torch.zeros(self.buckets[-1], width, dtype=torch.int32, device=self.device),
+                context_lens=torch.zeros(self.buckets[-1], dtype=torch.int32, device=self.device),
+            )
+            self.pool = torch.cuda.graph_pool_handle()
 
     def inputs(self, plan: StepPlan) -> tuple[torch.Tensor, torch.Tensor, AttentionBatch, torch.Tensor, list[Sequence]]:
         """Host-side lists for the whole step, moved to the device in one go per tensor."""
@@ -52,10 +75,57 @@ class Runner:
         )
         return dev(tokens), pos, batch, dev(rows), sampled
 
+    def _forward(self, tokens, positions, batch: AttentionBatch, mode: str, rows) -> torch.Tensor:
+        h = self.shift.hidden(tokens, positions, batch, mode, rows, self.cache.layers, self.cache.trash_slot)
+        return self.model.lm_head(h)
+
     @torch.inference_mode()
     def run(self, plan: StepPlan) -> tuple[torch.Tensor, list[Sequence]]:
         tokens, positions, batch, rows, sampled = self.inputs(plan)
-        if not sampled:
-            rows = rows.new_zeros(0)
-        h = self.shift.hidden(tokens, positions, batch, plan.mode, rows, self.cache.layers, self.cache.trash_slot)
-        return self.model.lm_head(h), sampled
+        n = tokens.shape[0]
+        if self.use_graphs and batch.decode and n <= self.buckets[-1]:
+            bucket = next(b for b in self.buckets if b >= n and (plan.mode == "tp" or b % self.shift.mesh.sp == 0))
+            width = max(16, 1 << (batch.block_tables.shape[1] - 1).bit_length())  # the kernel's splits follow it
+            return self._replay(plan.mode, bucket, min(width, self.static["block_tables"].shape[1]), tokens, batch)[:n], sampled
+        return self._forward(tokens, positions, batch, plan.mode, rows), sampled
+
+    def _replay(self, mode: str, bucket: int, width: int, tokens: torch.Tensor, batch: AttentionBatch) -> torch.Tensor:
+        n, s = tokens.shape[0], self.static
+        s["tokens"][:n].copy_(tokens)
+        s["positions"][:n].copy_(batch.query_pos)
+        s["write_slots"][:n].copy_(batch.write_slots)
+        s["write_slots"][n:bucket].fill_(self.cache.trash_slot)
+        s["context_lens"][:n].copy_(batch.context_lens)
+        s["context_lens"][n:bucket].zero_()
+        s["block_tables"][:n, : batch.block_tables.shape[1]].copy_(batch.block_tables)
+        key = (mode, bucket, width)
+        if key not in self.graphs:
+            self.graphs[key] = self._capture(*key)
+        graph, logits = self.graphs[key]
+        graph.replay()
+        return logits
+
+    def _capture(self, mode: str, bucket: int, width: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        s = self.static
+        batch = AttentionBatch(
+            seq_idx=torch.arange(bucket, device=self.device),
+            query_pos=s["positions"][:bucket],
+            write_slots=s["write_slots"][:bucket],
+            block_tables=s["block_tables"][:bucket, :width],
+            block_size=self.cache.block_size,
+            context_lens=s["context_lens"][:bucket],
+            query_start=list(range(bucket + 1)),
+            context_lens_host=[1] * bucket,
+            decode=True,
+        )
+        rows = torch.arange(bucket, device=self.device)
+        args = (s["tokens"][:bucket], s["positions"][:bucket], batch, mode, rows)
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
+            self._forward(*args)  # warm-up: lazy inits and kernel autotuning happen outside the graph
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            logits = self._forward(*args)
+        return graph, logits
