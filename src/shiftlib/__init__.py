@@ -5,8 +5,9 @@ x TP (large batches, highest throughput) over one set of weights and one paged K
 """
 
 from shiftlib.engine import Engine, SamplingParams, generate
+from shiftlib.loading import from_pretrained
 from shiftlib.mesh import init_mesh
 from shiftlib.plan import mode, parallelize
 
-__all__ = ["Engine", "SamplingParams", "generate", "init_mesh", "mode", "parallelize"]
+__all__ = ["Engine", "SamplingParams", "from_pretrained", "generate", "init_mesh", "mode", "parallelize"]
 __version__ = "0.1.0"
