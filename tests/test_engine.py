@@ -142,3 +142,18 @@ def _bad_requests() -> list[str]:
 
 def test_bad_requests_get_clear_errors_and_the_engine_keeps_serving(ranks):
     ranks(2).run(_bad_requests)
+
+
+def _static_decode(tp: int, sp: int) -> bool:
+    """The CUDA-graph path (static buffers, batch buckets with padding rows, wide block tables), run uncaptured."""
+    ps = prompts(LENGTHS)
+    model = parallel("qwen2", tp, sp)
+    engine = Engine(model, num_blocks=32, block_size=4, cuda_graphs=True, threshold=2)
+    got = engine.generate(ps, SamplingParams(max_new_tokens=NEW))
+    assert {key[0] for key in engine.runner.graphs} == {"tp", "sp"}  # 3 decodes run SP, then TP
+    return got == [hf_greedy("qwen2", p, NEW) for p in ps]
+
+
+def test_graph_buffers_and_padding_give_hugging_face_tokens(ranks):
+    assert all(ranks(2).run(_static_decode, 1, 2))
+    assert all(ranks(2).run(_static_decode, 2, 1))

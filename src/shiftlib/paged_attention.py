@@ -83,7 +83,10 @@ def attend(
 ) -> torch.Tensor:
     """Store the step's K/V, then attend. q: (N, hq, d); k, v: (N, hkv, d); cache: (slots, hkv, d) each.
 
-    Without a cache the step's own K/V are the key store (``AttentionBatch.dense``).
+    Backends: decode steps use the Triton flash-decoding kernel on GPU (or its PyTorch twin on CPU), both driven
+    by device tensors only, so the step can be captured in a CUDA graph. Other steps go sequence by sequence
+    through SDPA: flash attention (``is_causal``) where a sequence's whole context is new, the masked exact path
+    otherwise. Without a cache the step's own K/V are the key store (``AttentionBatch.dense``).
     """
     if kv_cache is None:
         k_store, v_store = k, v
@@ -91,15 +94,46 @@ def attend(
         k_store, v_store = kv_cache
         k_store.index_copy_(0, batch.write_slots, k)
         v_store.index_copy_(0, batch.write_slots, v)
-    return _attend_exact(q, k_store, v_store, batch, scale, window)
+        if batch.decode:
+            if q.is_cuda:
+                from shiftlib.triton_decode import paged_decode
+
+                return paged_decode(q, k_store, v_store, batch.block_tables, batch.context_lens, batch.block_size, scale, window)
+            return decode_reference(q, k_store, v_store, batch.block_tables, batch.context_lens, batch.block_size, scale, window)
+    return _attend_by_sequence(q, k, v, k_store, v_store, batch, scale, window)
 
 
-def _attend_exact(q, k_store, v_store, batch: AttentionBatch, scale: float, window: int | None) -> torch.Tensor:
-    """Reference path: one SDPA per sequence over its gathered context. Exact on CPU, any dtype."""
+def decode_reference(q, k_cache, v_cache, block_tables, context_lens, block_size: int, scale: float, window: int | None) -> torch.Tensor:
+    """The decode kernel's contract in plain PyTorch, from device tensors only (static shapes, no host lists).
+
+    Row ``b`` is the newest token of sequence ``b`` (context index ``context_lens[b] - 1``); rows with an empty
+    context are padding and get zeros.
+    """
+    keys = torch.arange(block_tables.shape[1] * block_size, device=q.device)
+    slots = block_tables[:, keys // block_size].long() * block_size + keys % block_size  # (B, L)
+    last = context_lens[:, None].long() - 1
+    mask = keys <= last
+    if window is not None:
+        mask &= keys > last - window
+    o = F.scaled_dot_product_attention(
+        q[:, :, None], k_cache[slots].transpose(1, 2), v_cache[slots].transpose(1, 2),
+        attn_mask=mask[:, None, None], scale=scale, enable_gqa=True,
+    )[:, :, 0]  # fmt: skip
+    return torch.where(context_lens[:, None, None] > 0, o, 0)
+
+
+def _attend_by_sequence(q, k, v, k_store, v_store, batch: AttentionBatch, scale: float, window: int | None) -> torch.Tensor:
     out = q.new_zeros(q.shape)
     for b, length in enumerate(batch.context_lens_host):
         lo, hi = batch.query_start[b], batch.query_start[b + 1]
         if hi == lo:
+            continue
+        if hi - lo == length and window is None:  # a whole prompt at once: its own K/V, plain causal
+            o = F.scaled_dot_product_attention(
+                q[lo:hi].transpose(0, 1), k[lo:hi].transpose(0, 1), v[lo:hi].transpose(0, 1),
+                is_causal=True, scale=scale, enable_gqa=True,
+            )  # fmt: skip
+            out[lo:hi] = o.transpose(0, 1)
             continue
         keys = torch.arange(length, device=q.device)
         slots = batch.block_tables[b, keys // batch.block_size].long() * batch.block_size + keys % batch.block_size

@@ -56,7 +56,8 @@ class Engine:
         mode: ``"auto"`` (switch by the step's token count), ``"tp"`` or ``"sp"``.
         threshold: the switch point in tokens; ``None`` keeps the model's.
         memory_fraction: share of free GPU memory the cache may take.
-        cuda_graphs: replay decode steps as CUDA graphs (GPU only), one per mode and batch bucket.
+        cuda_graphs: replay decode steps as CUDA graphs, one per mode and batch bucket; default on GPU. On CPU,
+            ``True`` runs the graphs' static-buffer path without capture (for tests).
         max_graph_batch: the largest decode batch that gets a graph; larger ones run eagerly.
 
     Raises:
@@ -81,7 +82,7 @@ class Engine:
         mode: str = "auto",
         threshold: int | None = None,
         memory_fraction: float = 0.9,
-        cuda_graphs: bool = True,
+        cuda_graphs: bool | None = None,
         max_graph_batch: int = 256,
     ) -> None:
         self.model, self.shift = model, shift_model(model)
@@ -95,7 +96,8 @@ class Engine:
         self.cache = PagedKVCache(layers, num_blocks, block_size, kv_heads, head_dim, dtype, mesh.device)
         self.scheduler = Scheduler(BlockAllocator(num_blocks), block_size, max_num_tokens, max_num_seqs)
         self.max_context = config.max_position_embeddings
-        self.runner = Runner(model, self.shift, self.cache, self.max_context, cuda_graphs, max_graph_batch)
+        graphs = mesh.device.type == "cuda" if cuda_graphs is None else cuda_graphs
+        self.runner = Runner(model, self.shift, self.cache, self.max_context, graphs, max_graph_batch)
         self.stop_ids = _eos_ids(model)
         self.stats: list[StepStats] = []
         self.requests: dict[int, Sequence] = {}
