@@ -6,6 +6,7 @@ an unused block-table entry shows up as NaN rather than as a small error.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -15,7 +16,7 @@ import torch.nn.functional as F
 pytest.importorskip("triton")
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
-from shiftlib.triton_decode import DecodeConfig, paged_decode  # noqa: E402
+from shiftlib.triton_decode import default_config, paged_decode
 
 DEVICE = "cuda"
 MIXED_LENS = [1, 17, 300, 2000, 0, 5]  # 0 is a padding row
@@ -109,8 +110,9 @@ def test_matches_reference(block_size: int, group: int, head_dim: int, window: i
 def test_split_counts_agree(splits: int, dtype: torch.dtype):
     """Every split count, the direct one-split path included, gives the same answer, empty splits too."""
     q, kc, vc, bt, lens = make_case(MIXED_LENS + [4099], 4, 4, 128, 16, dtype, seed=1)
+    cfg = dataclasses.replace(default_config(q), splits=splits)
     for window in (None, 100):
-        out = paged_decode(q, kc, vc, bt, lens, 16, 0.1, window, config=DecodeConfig(splits=splits))
+        out = paged_decode(q, kc, vc, bt, lens, 16, 0.1, window, config=cfg)
         check(out, reference(q, kc, vc, bt, lens, 16, 0.1, window), dtype)
 
 
