@@ -17,16 +17,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from shiftlib.mesh import HeadMap, ShiftMesh
+from shiftlib.modules.fused import rope_qk
 from shiftlib.modules.norm import RMSNorm
 from shiftlib.modules.source import Source, cols, rows, whole
 from shiftlib.paged_attention import AttentionBatch, attend
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Hugging Face's rotary formula on (tokens, heads, d) with per-token (tokens, d) cos/sin."""
-    cos, sin = cos[:, None], sin[:, None]
-    half = x.shape[-1] // 2
-    return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
 
 
 class ShiftAttention(nn.Module):
@@ -109,7 +103,7 @@ class ShiftAttention(nn.Module):
         q, k, v = qkv.split([hq, hkv, hkv], dim=1)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k = rope_qk(q, k, cos, sin)
         o = attend(q, k, v, batch, kv_cache, self.scale, self.window)  # (N, hq, d): my heads, all tokens
         if mode == "sp":  # back to (N/sp tokens, sp chunks of heads), then the tp shard of o_proj
             o = self.mesh.all_to_all_sp(o.view(sp, -1, hq * d)).transpose(0, 1).reshape(-1, sp * hq * d)

@@ -12,6 +12,7 @@ from torch import nn
 from transformers.activations import ACT2FN
 
 from shiftlib.mesh import ShiftMesh
+from shiftlib.modules.fused import silu_mul
 from shiftlib.modules.source import Source, cols, rows, whole
 
 
@@ -24,6 +25,7 @@ class ShiftMLP(nn.Module):
                 f"intermediate_size={I} is not divisible by tp*sp={P}: choose tp*sp among its divisors"
             )
         self.mesh, self.act = mesh, ACT2FN[config.hidden_act]
+        self.silu = config.hidden_act == "silu"  # every supported family: one fused kernel
         self.part = I // P  # intermediate columns of one chunk
         dev, sp, bias = mesh.device, mesh.sp, bool(getattr(config, "mlp_bias", False))
         self._gate_up = torch.empty(sp * 2 * self.part, D, dtype=dtype, device=dev)
@@ -62,5 +64,6 @@ class ShiftMLP(nn.Module):
         else:
             h, down = F.linear(x, self._gate_up_tp, self._gate_up_bias_tp), self._down_t_tp
         gate, up = h.view(x.shape[0], -1, 2, self.part).unbind(2)
-        out = self.mesh.all_reduce((self.act(gate) * up).flatten(1) @ down, mode)
+        act = silu_mul(gate, up) if self.silu else (self.act(gate) * up).flatten(1)
+        out = self.mesh.all_reduce(act @ down, mode)
         return out if self._down_bias is None else out + self._down_bias

@@ -37,9 +37,11 @@ class ShiftDecoderLayer(nn.Module):
         self.input_layernorm, self.self_attn = input_layernorm, self_attn
         self.post_attention_layernorm, self.mlp = post_attention_layernorm, mlp
 
-    def forward(self, x, cos, sin, batch: AttentionBatch, kv_cache, mode: str) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, batch, kv_cache, mode)
-        return x + self.mlp(self.post_attention_layernorm(x), mode)
+    def forward(self, x, residual, cos, sin, batch: AttentionBatch, kv_cache, mode: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns the MLP output and the residual stream before it; the next norm adds them (one kernel)."""
+        h, residual = self.input_layernorm.add(x, residual)
+        h, residual = self.post_attention_layernorm.add(self.self_attn(h, cos, sin, batch, kv_cache, mode), residual)
+        return self.mlp(h, mode), residual
 
 
 class ShiftModel(nn.Module):
@@ -91,10 +93,10 @@ class ShiftModel(nn.Module):
         if mode == "sp":
             count = tokens.shape[0] // sp
             first = self.mesh.s * count
-        x = self.embed_tokens(tokens[first : first + count], mode)
+        x, residual = self.embed_tokens(tokens[first : first + count], mode), None
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, batch, None if kv_caches is None else kv_caches[i], mode)
-        x = self.norm(x)
+            x, residual = layer(x, residual, cos, sin, batch, None if kv_caches is None else kv_caches[i], mode)
+        x, _ = self.norm.add(x, residual)
         if mode == "tp" or sp == 1:
             return x[rows]
         local = rows - first  # each sampled row lives on one sp rank: pick it there, zeros elsewhere, sum

@@ -1,4 +1,5 @@
-"""RMSNorm on local tensors, bit-for-bit Hugging Face's formula (including its float32 upcast)."""
+"""RMSNorm on local tensors, Hugging Face's formula (including its float32 upcast), optionally fused with the
+residual add that precedes it."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import torch
 from torch import nn
 
 from shiftlib.mesh import ShiftMesh
+from shiftlib.modules.fused import add_rms_norm, rms_norm
 from shiftlib.modules.source import Source, whole
 
 
@@ -21,7 +23,10 @@ class RMSNorm(nn.Module):
         self._w.copy_(whole(get("weight")))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x = x.to(torch.float32)
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self._w * x.to(dtype)
+        return rms_norm(x, self._w, self.eps)
+
+    def add(self, x: torch.Tensor, residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Norm of ``residual + x`` and that sum (the new residual); the first layer has no residual yet."""
+        if residual is None:
+            return self(x), x
+        return add_rms_norm(x, residual, self._w, self.eps)

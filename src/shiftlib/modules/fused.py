@@ -1,0 +1,71 @@
+"""The elementwise pieces of a layer, each compiled into one kernel on GPU.
+
+A decode step at small batch is a chain of GEMVs separated by norms, RoPE and activations; eagerly each of those
+is several kernels, and at 32 layers their launches cost as much as the weights take to read. Compiling the
+pieces (not the whole model) keeps ``torch.compile`` cheap and robust: one graph per function, shared by every
+layer, with dynamic token counts. On CPU they run eagerly, so CPU results stay bit-identical to Hugging Face's
+formulas. ``SHIFTLIB_COMPILE=0`` turns compilation off.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+_COMPILE = os.environ.get("SHIFTLIB_COMPILE", "1") != "0"
+_compiled: dict[Callable, Callable] = {}
+
+
+def _on(fn: Callable, x: torch.Tensor) -> Callable:
+    if not (_COMPILE and x.is_cuda):
+        return fn
+    if fn not in _compiled:
+        _compiled[fn] = torch.compile(fn, dynamic=True, fullgraph=True)
+    return _compiled[fn]
+
+
+def _rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    dtype = x.dtype  # Hugging Face's formula, float32 upcast included
+    x = x.to(torch.float32)
+    x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+    return w * x.to(dtype)
+
+
+def _add_rms_norm(x: torch.Tensor, residual: torch.Tensor, w: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    residual = residual + x
+    return _rms_norm(residual, w, eps), residual
+
+
+def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    cos, sin = cos[:, None], sin[:, None]
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
+
+
+def _rope_qk(q, k, cos, sin) -> tuple[torch.Tensor, torch.Tensor]:
+    return _rope(q, cos, sin), _rope(k, cos, sin)
+
+
+def _silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    return (F.silu(gate) * up).flatten(1)
+
+
+def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    return _on(_rms_norm, x)(x, w, eps)
+
+
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, w: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``residual + x`` and its norm, in one kernel: the residual add of one sublayer fused into the next norm."""
+    return _on(_add_rms_norm, x)(x, residual, w, eps)
+
+
+def rope_qk(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Hugging Face's rotary formula on (tokens, heads, d) with per-token (tokens, d) cos/sin."""
+    return _on(_rope_qk, q)(q, k, cos, sin)
+
+
+def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    return _on(_silu_mul, gate)(gate, up)
