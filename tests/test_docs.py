@@ -3,7 +3,7 @@
 * Every Python block in ``docs/`` that follows a ``<!-- run -->`` line runs (CPU, one process, a 1 x 1 mesh);
   the blocks of one page share one namespace, in page order.
 * Every public name in ``shiftlib.__all__`` has an API page with a mkdocstrings ``::: shiftlib.<name>`` entry,
-  and every ``:::`` entry names something that exists.
+  every ``:::`` entry names something that exists, and every option of the ``shiftlib`` command is on its page.
 * Every error message that ``src/shiftlib`` raises is on the Troubleshooting page (its longest literal piece,
   verbatim), so a user who reads an error can find its fix.
 * ``mkdocs build --strict`` passes (skipped when mkdocs is not installed; CI installs the ``docs`` extra).
@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import argparse
 import ast
 import importlib
 import json
@@ -76,10 +77,14 @@ _RUNNER = textwrap.dedent(
 
 
 @pytest.fixture(scope="module")
-def example_results() -> dict[str, str | None]:
+def example_results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str | None]:
     """Run every page's examples in one fresh CPU process (one spawn for all pages): page -> traceback or None."""
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-    env.update(CUDA_VISIBLE_DEVICES="", PYTHONPATH=os.pathsep.join([str(ROOT / "src"), env.get("PYTHONPATH", "")]))
+    env.update(
+        CUDA_VISIBLE_DEVICES="",
+        PYTHONPATH=os.pathsep.join([str(ROOT / "src"), env.get("PYTHONPATH", "")]),
+        SHIFTLIB_HOME=str(tmp_path_factory.mktemp("shiftlib_home")),  # `--model tiny` writes its checkpoint here
+    )
     proc = subprocess.run(
         [sys.executable, "-c", _RUNNER], input=json.dumps(pages_with_examples()), capture_output=True, text=True,
         cwd=ROOT, env=env, timeout=300,
@@ -146,6 +151,18 @@ def test_every_api_entry_names_something_that_exists() -> None:
             pytest.fail(f"docs/{page} documents `{target}`, which does not exist ({e})")
 
 
+def test_every_command_line_option_is_on_the_cli_page() -> None:
+    cli = pytest.importorskip("shiftlib.cli")
+    page = (DOCS / "api" / "cli.md").read_text()
+    sub = next(a for a in cli.build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    for command, parser in sub.choices.items():
+        assert f"## shiftlib {command}" in page, f"docs/api/cli.md has no section `## shiftlib {command}`"
+        for action in parser._actions:
+            for option in action.option_strings:
+                if option not in ("-h", "--help"):
+                    assert f"`{option}" in page, f"`shiftlib {command} {option}` is not on docs/api/cli.md"
+
+
 # -- error messages -----------------------------------------------------------------------------------------------
 
 def _is_error(func: ast.expr) -> bool:
@@ -187,6 +204,6 @@ def test_mkdocs_build_strict(tmp_path: Path) -> None:
         pytest.importorskip(module, reason="the docs extra is not installed: pip install -e '.[docs]'")
     proc = subprocess.run(
         [sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(tmp_path / "site")],
-        capture_output=True, text=True, cwd=ROOT, timeout=300,
+        capture_output=True, text=True, cwd=ROOT, timeout=300, env={**os.environ, "NO_MKDOCS_2_WARNING": "1"},
     )
     assert proc.returncode == 0, f"mkdocs build --strict failed:\n{proc.stdout}\n{proc.stderr}"
