@@ -102,6 +102,9 @@ def write_tiny(directory: str | os.PathLike, family: str = "llama", seed: int = 
     finally:
         if was_shown:
             hf_logging.enable_progress_bar()
+    if not (directory / "config.json").is_file():
+        raise RuntimeError("save_pretrained wrote no weights: inside a process group transformers writes them on "
+                           "rank 0 only, so call write_tiny there (tiny_checkpoint does)")
     tokenizer.save_pretrained(directory)
     return directory
 
@@ -114,9 +117,11 @@ def default_home() -> Path:
 def tiny_checkpoint(home: str | os.PathLike | None = None) -> Path:
     """The embedded default model (``--model tiny``): written on first use, then reused.
 
-    Every caller writes into its own temporary directory and renames it into place; a rename onto an existing
-    directory fails, so the first writer wins and the others discard theirs. Ranks starting at once therefore
-    never see a half-written checkpoint and need no barrier (the content is seeded, so any winner is the same).
+    The checkpoint is written into a temporary directory and renamed into place; a rename onto an existing
+    directory fails, so the first writer wins and later ones discard theirs: processes starting at once (e.g.
+    torchrun ranks before the process group exists) never see a half-written checkpoint and need no barrier.
+    Inside a process group only rank 0 writes (``save_pretrained`` writes weights on rank 0 alone) and the
+    others wait for its verdict.
 
     Args:
         home: cache root; default :func:`default_home`.
@@ -124,20 +129,45 @@ def tiny_checkpoint(home: str | os.PathLike | None = None) -> Path:
     Returns:
         The checkpoint directory (``<home>/tiny-v1``).
 
+    Raises:
+        FileNotFoundError: in a process group, rank 0 wrote it but this rank cannot see it (``home`` is not on
+            a shared file system).
+
     Example:
         >>> shiftlib.from_pretrained(tiny_checkpoint(), shiftlib.init_mesh(1, 1))
     """
-    root = Path(home) if home is not None else default_home()
-    target = root / TINY_NAME
+    import torch.distributed as dist
+
+    target = (Path(home) if home is not None else default_home()) / TINY_NAME
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return _write_once(target)
+    verdict: list = [None]
+    if dist.get_rank() == 0:
+        try:
+            _write_once(target)
+        except Exception as e:  # noqa: BLE001 - every rank must hear of it, then rank 0 re-raises it
+            verdict[0] = f"{type(e).__name__}: {e}"
+            dist.broadcast_object_list(verdict, src=0)
+            raise
+    dist.broadcast_object_list(verdict, src=0)
+    if verdict[0] is not None:
+        raise RuntimeError(f"rank 0 could not write the tiny checkpoint to {target}: {verdict[0]}")
+    if not (target / "config.json").is_file():
+        raise FileNotFoundError(f"rank 0 wrote the tiny checkpoint to {target}, which this rank cannot see: set "
+                                f"SHIFTLIB_HOME to a directory every node shares")
+    return target
+
+
+def _write_once(target: Path) -> Path:
     if (target / "config.json").is_file():
         return target
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{TINY_NAME}-", dir=root))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
         write_tiny(tmp)
         os.rename(tmp, target)
     except OSError:
-        if not (target / "config.json").is_file():
+        if not (target / "config.json").is_file():  # not a lost race: a real failure
             raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
