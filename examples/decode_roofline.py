@@ -59,7 +59,7 @@ def decode_steps(model, batch: int, graphs: bool, prompt: int, new: int) -> dict
     steps = [s.seconds for s in engine.stats if s.num_tokens == batch and s.num_sampled == batch][5:]
     out = {"batch": batch, "graphs": graphs, "step_ms_p50": 1e3 * statistics.median(steps), "steps": len(steps)}
     if graphs:  # GPU time of one replay, no host work
-        (graph, _), = [v for k, v in engine.runner.graphs.items() if k[1] >= batch][:1]
+        graph = next(v for k, v in engine.runner.graphs.items() if k[1] >= batch)
         graph.replay()
         torch.cuda.synchronize()
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)

@@ -25,7 +25,7 @@ class Runner:
     def __init__(self, model, shift: ShiftModel, cache: PagedKVCache, max_context: int, cuda_graphs: bool, max_graph_batch: int) -> None:
         self.model, self.shift, self.cache = model, shift, cache
         self.device = shift.mesh.device
-        self.graphs: dict[tuple[str, int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}  # (mode, batch, width)
+        self.graphs: dict[tuple[str, int, int], _Graph] = {}  # by (mode, batch bucket, block-table width)
         self.use_graphs = cuda_graphs
         if self.use_graphs:
             n = max(b for b in GRAPH_BUCKETS if b <= max(max_graph_batch, 1))
@@ -103,10 +103,9 @@ class Runner:
         key = (mode, bucket, width)
         if key not in self.graphs:
             self.graphs[key] = self._capture(*key)
-        graph, logits = self.graphs[key]
-        return graph.replay() if logits is None else (graph.replay(), logits)[1]
+        return self.graphs[key].replay()
 
-    def _capture(self, mode: str, bucket: int, width: int) -> tuple[object, torch.Tensor | None]:
+    def _capture(self, mode: str, bucket: int, width: int) -> _Graph:
         s = self.static
         batch = AttentionBatch(
             seq_idx=torch.arange(bucket, device=self.device),
@@ -122,7 +121,7 @@ class Runner:
         rows = torch.arange(bucket, device=self.device)
         args = (s["tokens"][:bucket], s["positions"][:bucket], batch, mode, rows)
         if self.device.type != "cuda":
-            return _Uncaptured(self, args), None
+            return _Graph(self, args)
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream):
@@ -131,14 +130,20 @@ class Runner:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
             logits = self._forward(*args)
-        return graph, logits
+        return _Graph(self, args, graph, logits)
 
 
-class _Uncaptured:
-    """CPU stand-in for a captured graph: runs the same forward on the same static buffers."""
+class _Graph:
+    """A captured decode step and the static tensors it reads (kept alive: the graph holds their addresses).
 
-    def __init__(self, runner: Runner, args: tuple) -> None:
-        self.runner, self.args = runner, args
+    Without a CUDA graph (CPU) ``replay`` runs the same forward on the same static buffers.
+    """
+
+    def __init__(self, runner: Runner, args: tuple, graph: torch.cuda.CUDAGraph | None = None, logits: torch.Tensor | None = None) -> None:
+        self.runner, self.args, self.graph, self.logits = runner, args, graph, logits
 
     def replay(self) -> torch.Tensor:
-        return self.runner._forward(*self.args)
+        if self.graph is None:
+            return self.runner._forward(*self.args)
+        self.graph.replay()
+        return self.logits
