@@ -163,11 +163,10 @@ def run_generate(args) -> int:
     import torch
 
     import shiftlib
+    from shiftlib.loading import _load_tokenizer, _read_config
 
     tp, sp = _mesh_shape(args)
     prompts = read_prompts(args)
-    if args.max_new_tokens < 0:
-        raise UserError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda, but torch sees no CUDA device: use --device cpu")
@@ -175,14 +174,16 @@ def run_generate(args) -> int:
         raise UserError(f"rank {_rank()} has local rank {os.environ.get('LOCAL_RANK')} but only "
                         f"{torch.cuda.device_count()} GPUs are visible: lower --nproc-per-node", shared=False)
     model_dir = _model_dir(args.model)
-    with user_errors():
+    with user_errors():  # everything cheap first, so a mistake costs no weight loading
+        shiftlib.SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                                top_k=args.top_k)
+        _read_config(model_dir)
+        ids = encode_prompts(_load_tokenizer(model_dir), prompts, args.chat, model_dir)
         mesh = shiftlib.init_mesh(tp, sp, device)
         model = shiftlib.from_pretrained(model_dir, mesh, dtype=args.dtype, threshold=args.threshold)
-    tokenizer = model.tokenizer
-    ids = encode_prompts(tokenizer, prompts, args.chat, model_dir)
-    with user_errors():
         outputs = shiftlib.generate(model, ids, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                                     top_p=args.top_p, top_k=args.top_k, seed=args.seed, mode=args.mode)
+    tokenizer = model.tokenizer
     texts = [tokenizer.decode(o, skip_special_tokens=True) for o in outputs]
     if _rank() == 0:
         if args.output is not None:
