@@ -63,6 +63,7 @@ def configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     a("--trace-seconds", type=float, default=d.trace_seconds, help="length of the trace (default: %(default)s)")
     a("--quiet-rate", type=float, default=d.quiet_rate, help="trace arrivals/s between bursts (default: %(default)s)")
     a("--burst-rate", type=float, default=d.burst_rate, help="trace arrivals/s in a burst (default: %(default)s)")
+    a("--trace-bursts", type=int, default=d.trace_bursts, help="bursts in the trace, one per equal period (default: %(default)s)")
     a("--long-prompts", type=_ints, default=d.long_prompts, help="prompt lengths for time to first token, e.g. 2048,8192,32768")
     a("--long-output-len", type=int, default=d.long_output_len, help="new tokens per long-prompt request (default: %(default)s)")
     a("--threshold", type=int, default=d.threshold, help="shift: steps of at most this many tokens run in TP mode (default: %(default)s)")
@@ -107,7 +108,7 @@ def options(args: argparse.Namespace) -> BenchOptions:
     return BenchOptions(
         preset=args.preset, tp=args.tp, sp=args.sp, meshes=args.meshes, configs=args.configs, concurrency=args.concurrency,
         input_len=args.input_len, output_len=args.output_len, waves=args.waves, rates=args.rates, num_requests=args.num_requests,
-        trace=args.trace, trace_seconds=args.trace_seconds, quiet_rate=args.quiet_rate, burst_rate=args.burst_rate,
+        trace=args.trace, trace_seconds=args.trace_seconds, quiet_rate=args.quiet_rate, burst_rate=args.burst_rate, trace_bursts=args.trace_bursts,
         long_prompts=args.long_prompts, long_output_len=args.long_output_len, threshold=args.threshold,
         max_num_tokens=args.max_num_tokens, max_num_seqs=args.max_num_seqs, block_size=args.block_size,
         hf_max_concurrency=args.hf_max_concurrency, dtype=args.dtype, device=args.device, seed=args.seed,
@@ -132,8 +133,12 @@ def run(args: argparse.Namespace) -> int:
     from shiftlib.bench.report import table
     from shiftlib.cli import user_errors
 
+    def save(records: list[dict]) -> None:  # after every record, so a run cut short keeps what it measured
+        if args.output is not None:
+            write(records, args.output, None)
+
     with user_errors():
-        records = run_bench(options(args))
+        records = run_bench(options(args), save)
     if dist.get_rank() == 0:
         write(records, args.output, args.plots)
         print(table(records))

@@ -60,6 +60,7 @@ class BenchOptions:
     trace_seconds: float = 20.0
     quiet_rate: float = 1.0
     burst_rate: float = 32.0
+    trace_bursts: int = 4
     long_prompts: list[int] = field(default_factory=list)
     long_output_len: int = 8
     threshold: int = 256
@@ -116,7 +117,7 @@ def build_loads(opts: BenchOptions, vocab: int) -> list[Load]:
     loads += poisson(opts.rates, opts.num_requests, opts.input_len, opts.output_len, vocab, opts.seed)
     if opts.trace == "bursty":
         loads.append(bursty(opts.trace_seconds, opts.input_len, opts.output_len, vocab, opts.quiet_rate, opts.burst_rate,
-                            seed=opts.seed))
+                            opts.trace_bursts, opts.seed))
     loads += long_prompts(opts.long_prompts, opts.long_output_len, vocab, seed=opts.seed)
     return loads
 
@@ -147,17 +148,18 @@ def _cache_blocks(config, kv_chunks: int, dtype: torch.dtype, opts: BenchOptions
 
 
 def _free() -> None:
-    gc.collect()
+    """Give a finished configuration's GPU memory back before the next one is built."""
     if torch.cuda.is_available():
+        gc.collect()
         torch.cuda.empty_cache()
 
 
 class Bench:
     """Runs ``opts`` on the ranks of the default process group; :meth:`run` returns the records (on every rank)."""
 
-    def __init__(self, opts: BenchOptions) -> None:
+    def __init__(self, opts: BenchOptions, on_record=lambda records: None) -> None:
         opts.validate()
-        self.opts = opts
+        self.opts, self.on_record = opts, on_record
         device_type = opts.device or ("cuda" if torch.cuda.is_available() else "cpu")
         ensure_process_group(device_type)
         self.device_type = device_type
@@ -225,6 +227,8 @@ class Bench:
             rec["note"] = note
         rec.update(self.meta)
         self.records.append(rec)
+        if self.rank == 0:
+            self.on_record(self.records)
 
     def _tick(self, config: str, load: Load):
         self.bar.set_postfix_str(f"{config} {load.label}", refresh=False)
@@ -292,10 +296,13 @@ class Bench:
         _free()
 
 
-def run_bench(opts: BenchOptions) -> list[dict]:
+def run_bench(opts: BenchOptions, on_record=lambda records: None) -> list[dict]:
     """Run the benchmark on the ranks of the default process group (made if absent); same records on every rank
-    (rank 0's measurements for single-engine configurations, all replicas' for ``dp``)."""
-    records = Bench(opts).run()
+    (rank 0's measurements for single-engine configurations, all replicas' for ``dp``).
+
+    ``on_record(records)`` is called on rank 0 after each record, with all records so far (to save partial runs).
+    """
+    records = Bench(opts, on_record).run()
     if dist.get_world_size() > 1:
         box = [records]
         dist.broadcast_object_list(box, src=0)

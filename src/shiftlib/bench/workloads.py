@@ -86,36 +86,40 @@ def poisson(rates: list[float], num_requests: int, input_len: int, output_len: i
 
 
 def bursty(seconds: float, input_len: int, output_len: int, vocab: int, quiet_rate: float = 1.0, burst_rate: float = 32.0,
-           burst_s: float = 1.0, period_s: float = 5.0, seed: int = 0) -> Load:
+           bursts: int = 4, seed: int = 0) -> Load:
     """Quiet stretches with bursts, like the production traces of the Shift Parallelism paper (seed 001).
 
-    Arrivals are Poisson at ``quiet_rate`` except during a ``burst_s``-long burst at a random point of every
-    ``period_s`` seconds, where they come at ``burst_rate``. Prompt and output lengths vary between half and
-    one and a half times the given ones, so steps mix long prefills with short decodes.
+    The trace is cut into ``bursts`` equal periods; each holds one burst a fifth of the period long, at a random
+    point, where requests arrive at ``burst_rate`` per second; elsewhere they arrive at ``quiet_rate``. Prompt
+    and output lengths vary between half and one and a half times the given ones, so steps mix long prefills
+    with short decodes.
     """
-    if seconds <= 0 or quiet_rate <= 0 or burst_rate <= 0 or not 0 < burst_s <= period_s:
-        raise ValueError(f"bursty trace needs seconds, rates > 0 and 0 < burst_s <= period_s, got seconds={seconds}, "
-                         f"quiet_rate={quiet_rate}, burst_rate={burst_rate}, burst_s={burst_s}, period_s={period_s}")
+    if seconds <= 0 or quiet_rate <= 0 or burst_rate <= 0 or bursts < 1:
+        raise ValueError(f"bursty trace needs seconds > 0, rates > 0 and bursts >= 1, got seconds={seconds}, "
+                         f"quiet_rate={quiet_rate}, burst_rate={burst_rate}, bursts={bursts}")
     rng = random.Random(f"{seed}-bursty")
-    bursts = [(k * period_s + rng.uniform(0, period_s - burst_s)) for k in range(math.ceil(seconds / period_s))]
+    period = seconds / bursts
+    burst_s = period / 5
+    starts = [k * period + rng.uniform(0, period - burst_s) for k in range(bursts)]
+    peak = max(burst_rate, quiet_rate)
 
     def rate_at(t: float) -> float:
-        return burst_rate if any(b <= t < b + burst_s for b in bursts) else quiet_rate
+        return burst_rate if any(b <= t < b + burst_s for b in starts) else quiet_rate
 
     # Thinning: draw at the peak rate, keep each arrival with probability rate(t) / peak.
     t, requests = 0.0, []
     while True:
-        t += rng.expovariate(burst_rate)
+        t += rng.expovariate(peak)
         if t >= seconds:
             break
-        if rng.random() < rate_at(t) / burst_rate:
+        if rng.random() < rate_at(t) / peak:
             n_in = max(1, round(input_len * rng.uniform(0.5, 1.5)))
             n_out = max(1, round(output_len * rng.uniform(0.5, 1.5)))
             requests.append(RequestSpec(_prompt(rng, n_in, vocab), n_out, t))
     if not requests:
         raise ValueError(f"the bursty trace of {seconds} s drew no request: lengthen it or raise the rates")
     params = dict(input_len=input_len, output_len=output_len, seconds=seconds, quiet_rate=quiet_rate,
-                  burst_rate=burst_rate, burst_s=burst_s, period_s=period_s, bursts_s=[round(b, 3) for b in bursts])
+                  burst_rate=burst_rate, burst_s=burst_s, bursts_s=[round(b, 4) for b in starts])
     return Load("bursty", requests, rate=len(requests) / seconds, params=params)
 
 

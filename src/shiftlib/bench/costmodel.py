@@ -1,0 +1,620 @@
+"""A cost model of shift, TP, SP and DP at P = 2, 4, 8, built from pieces measured on one GPU.
+
+Per-rank compute. A rank's work in every mode is the work of a *smaller model on one GPU*:
+
+* TP mode at P ranks: all N tokens through H/P query heads, max(K/P, 1) KV heads, intermediate I/P and vocab
+  V/P: exactly the model whose config divides those by P (:func:`slice_config`), run unparallelized.
+* SP mode on a tp x sp mesh: N/sp tokens through the tp-shard of the weights, and attention over all N tokens
+  for H/P heads. Attention over N tokens x H/P heads moves the same KV bytes and does the same FLOPs as over
+  N/sp tokens x H/tp heads, so the rank's work is the slice model of tp at N/sp tokens.
+* DP with P replicas: the whole model (slice of 1) at N/P tokens.
+
+So one function, the step time of the slice model of p at n tokens, measured on one GPU (:func:`measure`) for
+p in 1, 2, 4, 8, gives every configuration's compute. Layer counts: measured at two depths, a step is
+fixed + layers x per-layer time, which extends the 8-layer 70B-width preset to the 80 layers of the real model.
+
+Communication is added from collectives measured on 2 x H200 (NVLink, NCCL, torch 2.11, eager; DESIGN.md):
+all-reduce 8 KiB 0.034 ms, 64 MiB 0.27 ms, 256 MiB 0.97 ms; all-to-all 256 MiB 0.53 ms. Between points the
+time is linear in bytes; for P ranks the bandwidth part scales with the bytes a ring moves per rank
+(2(P-1)/P for all-reduce, (P-1)/P for all-to-all and all-gather), the latency part (0.034 ms) is held fixed.
+These are assumptions, to be checked by the P = 2, 4, 8 runs.
+
+Run ``python -m shiftlib.bench.costmodel measure ...`` on one GPU, ``... predict MEASUREMENT.json ...`` anywhere.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+# (bytes, ms) on 2 x H200, DESIGN.md.
+ALL_REDUCE_2XH200 = ((1 * 4096 * 2, 0.034), (8192 * 4096 * 2, 0.27), (32768 * 4096 * 2, 0.97))
+ALL_TO_ALL_2XH200 = ((0, 0.034), (32768 * 4096 * 2, 0.53))
+H200_BYTES = 139 * 2**30  # usable HBM per GPU, as torch reports it
+BYTES_BF16 = 2
+
+
+def slice_config(config, p: int, layers: int | None = None):
+    """The model whose one-GPU step is a rank's work in TP mode at P = p: heads, KV heads, MLP and vocab / p."""
+    c = config.__class__(**config.to_dict())
+    H, K, V, I = config.num_attention_heads, config.num_key_value_heads, config.vocab_size, config.intermediate_size
+    if H % p or V % p or I % p or (K >= p and K % p) or (K < p and p % K):
+        raise ValueError(f"cannot slice heads={H}, kv_heads={K}, intermediate={I}, vocab={V} {p} ways: each must divide "
+                         f"by p (or p by the KV heads); choose p among the common divisors")
+    c.head_dim = getattr(config, "head_dim", None) or config.hidden_size // H
+    c.num_attention_heads, c.num_key_value_heads = H // p, max(K // p, 1)
+    c.intermediate_size, c.vocab_size = I // p, V // p
+    if layers is not None:
+        c.num_hidden_layers = layers
+    return c
+
+
+def weight_bytes(config, bytes_per_param: int = BYTES_BF16) -> dict[str, int]:
+    """Parameter bytes of the whole model: per decoder layer and for embedding + head."""
+    D, H, K, I, V = config.hidden_size, config.num_attention_heads, config.num_key_value_heads, config.intermediate_size, config.vocab_size
+    d = getattr(config, "head_dim", None) or D // H
+    layer = D * (H + 2 * K) * d + H * d * D + 3 * D * I + 2 * D
+    ends = V * D * (1 if config.tie_word_embeddings else 2) + D
+    return dict(layer=layer * bytes_per_param, ends=ends * bytes_per_param,
+                total=(layer * config.num_hidden_layers + ends) * bytes_per_param)
+
+
+# -- measuring on one GPU ---------------------------------------------------------------------------------------
+
+
+def _median_tail(xs: list[float], skip: int) -> float:
+    if not xs:
+        raise RuntimeError("no step of the expected shape ran: the engine scheduled differently than the measurement assumes")
+    return statistics.median(xs[skip:] if len(xs) > skip else xs)
+
+
+def _prompt(rng: torch.Generator, n: int, vocab: int) -> list[int]:
+    return torch.randint(0, vocab, (n,), generator=rng).tolist()
+
+
+def _decode_ms(engine, batch: int, context: int, steps: int, vocab: int, rng, max_num_tokens: int) -> float:
+    """Median time of a decode step of ``batch`` requests at about ``context`` tokens each (after 2 warm steps).
+
+    The prompts are prefilled over several steps, so the first requests decode while the last still prefill:
+    each asks for enough tokens that all ``batch`` decode together for ``steps + 2`` steps after that.
+    """
+    from shiftlib import SamplingParams
+
+    stagger = math.ceil(batch * context / max_num_tokens) + 2
+    params = SamplingParams(max_new_tokens=stagger + steps + 3, ignore_eos=True)
+    ids = [engine.add_request(_prompt(rng, context, vocab), params) for _ in range(batch)]
+    first = len(engine.stats)
+    while engine.has_unfinished:
+        engine.step()
+    for i in ids:
+        engine.requests.pop(i)
+    times = [s.seconds for s in engine.stats[first:] if s.num_seqs == batch and s.num_tokens == batch]
+    return 1000 * _median_tail(times, 2)
+
+
+def _prefill_ms(engine, tokens: int, context: int, vocab: int, rng, repeats: int = 3) -> float:
+    """Median time of a step that prefills ``tokens`` tokens made of prompts of at most ``context`` tokens each."""
+    from shiftlib import SamplingParams
+
+    lengths = [context] * (tokens // context) + ([tokens % context] if tokens % context else [])
+    times = []
+    for _ in range(repeats):
+        ids = [engine.add_request(_prompt(rng, n, vocab), SamplingParams(max_new_tokens=1, ignore_eos=True)) for n in lengths]
+        first = len(engine.stats)
+        while engine.has_unfinished:
+            engine.step()
+        for i in ids:
+            engine.requests.pop(i)
+        times += [s.seconds for s in engine.stats[first:] if s.num_tokens == tokens]
+    return 1000 * _median_tail(times, 1)
+
+
+def _ttft_ms(engine, length: int, vocab: int, rng, repeats: int = 2) -> float:
+    """Time to first token of one prompt of ``length`` tokens (prefilled in chunks of the engine's budget)."""
+    from shiftlib import SamplingParams
+
+    out = []
+    for _ in range(repeats):
+        rid = engine.add_request(_prompt(rng, length, vocab), SamplingParams(max_new_tokens=1, ignore_eos=True))
+        while engine.has_unfinished:
+            engine.step()
+        out.append(engine.completion(rid).ttft_s)
+        engine.requests.pop(rid)
+    return 1000 * min(out)
+
+
+def measure(preset: str, parts: list[int], layers: list[int] | None, batches: list[int], prefill_tokens: list[int],
+            context: int, long_prompts: list[int], decode_steps: int = 8, max_num_tokens: int = 4096,
+            device: str | None = None, dtype: torch.dtype | None = None, seed: int = 0, progress: bool = True) -> dict:
+    """Step times of the slice model of each p in ``parts`` on this one device (a 1 x 1 mesh), in ms.
+
+    ``layers``: the depths to measure at (two or more give the per-layer and fixed parts); default the preset's.
+    """
+    import shiftlib
+    from shiftlib.bench.suite import machine, versions
+    from shiftlib.presets import preset_config, random_model
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = dtype or (torch.bfloat16 if device == "cuda" else torch.float32)
+    config = preset_config(preset)
+    layers = layers or [config.num_hidden_layers]
+    if max(prefill_tokens, default=0) > max_num_tokens:
+        raise ValueError(f"prefill sizes up to {max(prefill_tokens)} exceed max_num_tokens={max_num_tokens}: a step "
+                         f"never holds more; lower them or raise --max-num-tokens")
+    mesh = shiftlib.init_mesh(1, 1, device)
+    dev = mesh.device_type if device == "cpu" else torch.device("cuda", torch.cuda.current_device())
+    runs = []
+    for L in layers:
+        for p in parts:
+            cfg = slice_config(config, p, L)
+            if progress:
+                print(f"measure {preset} layers={L} p={p}", file=sys.stderr, flush=True)
+            model = shiftlib.parallelize(random_model(cfg, dtype, dev, seed), mesh)
+            ctx_tokens = max(batches) * (context + decode_steps + 8) + max_num_tokens + max(batches) ** 2 * context // max_num_tokens
+            ctx_tokens = max(ctx_tokens, max(long_prompts + [0]) + max_num_tokens)
+            engine = shiftlib.Engine(model, num_blocks=math.ceil(1.2 * ctx_tokens / 16) + max(batches) + 8, block_size=16,
+                                     max_num_tokens=max_num_tokens, max_num_seqs=max(batches), mode="tp")
+            rng = torch.Generator().manual_seed(seed)
+            run = dict(layers=L, p=p, weights_bytes=weight_bytes(cfg)["total"], decode_ms={}, prefill_ms={}, ttft_ms={})
+            _decode_ms(engine, 1, context, 2, cfg.vocab_size, rng, max_num_tokens)  # compile, autotune, first allocations
+            for b in batches:
+                run["decode_ms"][str(b)] = round(_decode_ms(engine, b, context, decode_steps, cfg.vocab_size, rng, max_num_tokens), 4)
+            for n in prefill_tokens:
+                run["prefill_ms"][str(n)] = round(_prefill_ms(engine, n, context, cfg.vocab_size, rng), 4)
+            for n in long_prompts:
+                run["ttft_ms"][str(n)] = round(_ttft_ms(engine, n, cfg.vocab_size, rng), 4)
+            runs.append(run)
+            del engine, model
+            if device == "cuda":
+                torch.cuda.empty_cache()
+    c = config
+    return dict(kind="shiftlib-costmodel-measurement", preset=preset, dtype=str(dtype).removeprefix("torch."),
+                shape=dict(hidden=c.hidden_size, heads=c.num_attention_heads, kv_heads=c.num_key_value_heads,
+                           head_dim=getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads,
+                           intermediate=c.intermediate_size, vocab=c.vocab_size, layers=c.num_hidden_layers,
+                           tie_word_embeddings=bool(c.tie_word_embeddings)),
+                context=context, decode_steps=decode_steps, max_num_tokens=max_num_tokens, runs=runs,
+                machine=machine(), versions=versions(), command=" ".join(sys.argv))
+
+
+# -- communication ----------------------------------------------------------------------------------------------
+
+
+def _interp(points: tuple[tuple[float, float], ...], x: float) -> float:
+    """Piecewise linear through ``points``; flat below the first, the last slope beyond the last (through the
+    origin when there is one point)."""
+    if not points:
+        raise ValueError("no measured points to interpolate: measure this kind of step first")
+    if x <= points[0][0]:
+        return points[0][1]
+    if len(points) == 1:
+        return points[0][1] * x / points[0][0]
+    for (x0, y0), (x1, y1) in zip(points, points[1:]):
+        if x <= x1:
+            return y0 + (y1 - y0) * (x - x0) / (x1 - x0)
+    (x0, y0), (x1, y1) = points[-2], points[-1]
+    return y1 + max(y1 - y0, 0.0) * (x - x1) / (x1 - x0)  # a step never gets faster with more tokens
+
+
+@dataclass(frozen=True)
+class Comm:
+    """Collective times in ms from the 2 x H200 figures, scaled to P ranks by ring bytes per rank."""
+
+    all_reduce_2: tuple[tuple[float, float], ...] = ALL_REDUCE_2XH200
+    all_to_all_2: tuple[tuple[float, float], ...] = ALL_TO_ALL_2XH200
+    latency_ms: float = 0.034
+
+    def all_reduce(self, nbytes: float, ranks: int) -> float:
+        """Sum of an ``nbytes`` buffer over ``ranks`` (ring: each rank moves 2(P-1)/P of it; 1 at P = 2)."""
+        if ranks <= 1:
+            return 0.0
+        bw = _interp(self.all_reduce_2, nbytes) - self.latency_ms
+        return self.latency_ms + bw * 2 * (ranks - 1) / ranks
+
+    def all_to_all(self, nbytes_per_rank: float, ranks: int) -> float:
+        """Each rank sends (P-1)/P of its ``nbytes_per_rank`` buffer (1/2 at P = 2, where it was measured)."""
+        if ranks <= 1:
+            return 0.0
+        bw = _interp(self.all_to_all_2, nbytes_per_rank) - self.latency_ms
+        return self.latency_ms + bw * 2 * (ranks - 1) / ranks
+
+    def all_gather(self, total_bytes: float, ranks: int) -> float:
+        """Every rank receives (P-1)/P of the ``total_bytes`` result: half an all-reduce's traffic."""
+        if ranks <= 1:
+            return 0.0
+        bw = _interp(self.all_reduce_2, total_bytes) - self.latency_ms
+        return self.latency_ms + bw * (ranks - 1) / ranks
+
+
+# -- the model --------------------------------------------------------------------------------------------------
+
+
+def _curve(table: dict[str, float]) -> tuple[tuple[float, float], ...]:
+    return tuple(sorted((float(k), v) for k, v in table.items()))
+
+
+@dataclass
+class SliceTimes:
+    """Step time (ms) of the slice model of one p, as fixed + layers x per-layer, for decode, prefill and TTFT."""
+
+    fixed: dict[str, tuple[tuple[float, float], ...]]
+    per_layer: dict[str, tuple[tuple[float, float], ...]]
+
+    def at(self, kind: str, n: float, layers: int) -> float:
+        return max(_interp(self.fixed[kind], n) + layers * _interp(self.per_layer[kind], n), 1e-3)
+
+
+def _split_layers(runs: list[dict]) -> SliceTimes:
+    """Fit fixed + L x per-layer through the runs at several depths (least squares); one depth: all per layer."""
+    depths = sorted({r["layers"] for r in runs})
+    by_depth = {r["layers"]: r for r in runs}
+    fixed, per_layer = {}, {}
+    for kind in ("decode_ms", "prefill_ms", "ttft_ms"):
+        keys = sorted(set.intersection(*(set(by_depth[L][kind]) for L in depths)), key=float)
+        f, s = {}, {}
+        for k in keys:
+            ys = [by_depth[L][kind][k] for L in depths]
+            if len(depths) == 1:
+                f[k], s[k] = 0.0, ys[0] / depths[0]
+            else:
+                mx, my = statistics.fmean(depths), statistics.fmean(ys)
+                slope = sum((x - mx) * (y - my) for x, y in zip(depths, ys)) / sum((x - mx) ** 2 for x in depths)
+                slope = max(slope, 0.0)  # noise can tilt two close timings the wrong way; a layer never costs < 0
+                f[k], s[k] = my - slope * mx, slope
+        fixed[kind.removesuffix("_ms")], per_layer[kind.removesuffix("_ms")] = _curve(f), _curve(s)
+    return SliceTimes(fixed, per_layer)
+
+
+@dataclass
+class CostModel:
+    """Predicted step times (ms) of each configuration, from a :func:`measure` result.
+
+    ``layers``: the depth to predict for (default the preset's); needs measurements at two depths when it differs
+    from the measured one.
+    """
+
+    measurement: dict
+    layers: int | None = None
+    comm: Comm = field(default_factory=Comm)
+
+    def __post_init__(self) -> None:
+        m = self.measurement
+        if m.get("kind") != "shiftlib-costmodel-measurement":
+            raise ValueError("not a cost-model measurement: make one with `python -m shiftlib.bench.costmodel measure`")
+        self.shape = m["shape"]
+        depths = {r["layers"] for r in m["runs"]}
+        self.layers = self.layers or self.shape["layers"]
+        if self.layers not in depths and len(depths) < 2:
+            raise ValueError(f"predicting {self.layers} layers needs measurements at two depths, got only {sorted(depths)}: "
+                             f"measure with --layers A,B")
+        self.slices = {p: _split_layers([r for r in m["runs"] if r["p"] == p]) for p in sorted({r["p"] for r in m["runs"]})}
+        self.max_num_tokens = m["max_num_tokens"]
+
+    @property
+    def parts(self) -> list[int]:
+        return sorted(self.slices)
+
+    def compute(self, p: int, kind: str, n: float) -> float:
+        if p not in self.slices:
+            raise ValueError(f"no measurement of the slice of p={p}: measured {self.parts}; add it with --parts")
+        return self.slices[p].at(kind, n, self.layers)
+
+    # bytes of the step's collectives
+    def _token_bytes(self) -> int:
+        return self.shape["hidden"] * BYTES_BF16
+
+    def comm_tp(self, P: int, n: float, sampled: float) -> float:
+        """TP mode: an all-reduce of the hidden states after the embedding, attention and MLP; logits gathered."""
+        L = self.layers
+        return (2 * L + 1) * self.comm.all_reduce(n * self._token_bytes(), P) + self.comm.all_gather(
+            sampled * self.shape["vocab"] * BYTES_BF16, P)
+
+    def comm_sp(self, tp: int, sp: int, n: float, sampled: float) -> float:
+        """SP mode: two all-to-alls over sp per layer (q/k/v in, attention out), all-reduces over tp of the rank's
+        N/sp tokens, the sampled rows summed over sp, logits gathered over all ranks."""
+        P, L, s = tp * sp, self.layers, self.shape
+        n_pad = math.ceil(n / sp) * sp
+        hq, hkv = s["heads"] // P, max(s["kv_heads"] // P, 1)
+        qkv = n_pad * (hq + 2 * hkv) * s["head_dim"] * BYTES_BF16
+        out = n_pad * hq * s["head_dim"] * BYTES_BF16
+        a2a = L * (self.comm.all_to_all(qkv, sp) + self.comm.all_to_all(out, sp))
+        ar = (2 * L + 1) * self.comm.all_reduce(n_pad / sp * self._token_bytes(), tp)
+        return a2a + ar + self.comm.all_reduce(sampled * self._token_bytes(), sp) + self.comm.all_gather(
+            sampled * s["vocab"] * BYTES_BF16, P)
+
+    def step(self, config: str, P: int, kind: str, n: float, sampled: float | None = None, mesh: tuple[int, int] | None = None) -> float:
+        """Predicted time of one step of ``n`` tokens (``kind`` "decode": n requests; "prefill": n prompt tokens).
+
+        ``config``: "tp", "sp" (on ``mesh``), "dp" (P replicas, n split evenly) or "tp@1" (one GPU).
+        """
+        sampled = n if sampled is None else sampled
+        if config == "tp":
+            return self.compute(P, kind, n) + self.comm_tp(P, n, sampled)
+        if config == "sp":
+            tp, sp = mesh or (1, P)
+            if tp * sp != P:
+                raise ValueError(f"mesh {tp}x{sp} does not have P={P} ranks")
+            return self.compute(tp, kind, math.ceil(n / sp)) + self.comm_sp(tp, sp, n, sampled)
+        if config == "dp":
+            return self.compute(1, kind, max(n / P, 1.0))
+        raise ValueError(f"unknown configuration {config!r}: tp, sp or dp")
+
+    def shift_step(self, P: int, kind: str, n: float, mesh: tuple[int, int], threshold: int, sampled: float | None = None) -> float:
+        return self.step("tp" if n <= threshold else "sp", P, kind, n, sampled, mesh)
+
+    def ttft(self, config: str, P: int, length: int, mesh: tuple[int, int] | None = None) -> float:
+        """Time to first token of one ``length``-token prompt, prefilled in chunks of ``max_num_tokens``."""
+        chunks = math.ceil(length / self.max_num_tokens)
+        n = min(length, self.max_num_tokens)
+        if config == "tp":
+            return self.compute(P, "ttft", length) + chunks * self.comm_tp(P, n, 0) + self.comm.all_gather(self.shape["vocab"] * BYTES_BF16, P)
+        if config == "sp":
+            tp, sp = mesh or (1, P)
+            return self.compute(tp, "ttft", length) / sp + chunks * self.comm_sp(tp, sp, n, 0) + self.comm.all_gather(
+                self.shape["vocab"] * BYTES_BF16, P)
+        if config == "dp":
+            return self.compute(1, "ttft", length)
+        raise ValueError(f"unknown configuration {config!r}: tp, sp or dp")
+
+    def closed_loop(self, config: str, P: int, concurrency: int, input_len: int, output_len: int,
+                    mesh: tuple[int, int] = (1, 1), threshold: int = 256) -> dict:
+        """A wave of ``concurrency`` requests (as the benchmark's closed loop runs them): the prompts prefilled in
+        steps of ``max_num_tokens``, then ``output_len`` decode steps of the whole batch.
+
+        Returns TPOT (wave time / output tokens, prefills of the others included), TTFT (the wave's prefill,
+        half on average) and output throughput. DP runs ``concurrency / P`` requests on each replica.
+        """
+        replicas = P if config == "dp" else 1
+        c = concurrency / replicas if config == "dp" else concurrency
+        c_ceil = math.ceil(c)
+        prefill_tokens = c_ceil * input_len
+        full, rest = divmod(prefill_tokens, self.max_num_tokens)
+        chunks = [self.max_num_tokens] * full + ([rest] if rest else [])
+
+        def step(kind: str, n: float, sampled: float) -> float:
+            if config == "shift":
+                return self.shift_step(P, kind, n, mesh, threshold, sampled)
+            if config == "dp":
+                return self.compute(1, kind, n)
+            return self.step(config, P, kind, n, sampled, mesh if config == "sp" else None)
+
+        prefill = sum(step("prefill", n, n / input_len) for n in chunks)
+        decode = step("decode", c_ceil, c_ceil)
+        wave = prefill + (output_len - 1) * decode
+        return dict(tpot_ms=wave / max(output_len - 1, 1), ttft_ms=prefill / 2 + step("prefill", chunks[0], 1) / 2,
+                    decode_step_ms=decode, prefill_ms=prefill, output_tok_per_s=1000 * concurrency * output_len / wave)
+
+    def crossover(self, P: int, kind: str, mesh: tuple[int, int], limit: int = 4096) -> int | None:
+        """The smallest step size (tokens) from which SP mode on ``mesh`` is predicted faster than TP mode."""
+        for n in range(1, limit + 1):
+            if self.step("sp", P, kind, n, mesh=mesh) < self.step("tp", P, kind, n):
+                return n
+        return None
+
+    def fits(self, config: str, P: int, mesh: tuple[int, int] = (1, 1), hbm_bytes: float = H200_BYTES) -> bool:
+        """Weights per GPU leave at least a fifth of HBM for the KV cache and activations."""
+        full = dict(self.shape)
+        w = _shape_weight_bytes(full, self.layers)
+        per_gpu = {"dp": w, "tp": w / P, "sp": w / mesh[0], "shift": w / mesh[0]}[config]
+        return per_gpu <= 0.8 * hbm_bytes
+
+
+def _shape_weight_bytes(shape: dict, layers: int) -> float:
+    D, H, K, d, I, V = (shape[k] for k in ("hidden", "heads", "kv_heads", "head_dim", "intermediate", "vocab"))
+    per_layer = D * (H + 2 * K) * d + H * d * D + 3 * D * I
+    return BYTES_BF16 * (layers * per_layer + V * D * (1 if shape.get("tie_word_embeddings") else 2))
+
+
+def meshes(P: int, shape: dict) -> list[tuple[int, int]]:
+    """The (tp, sp) shapes of P ranks that the model's heads allow."""
+    out = []
+    for tp in range(1, P + 1):
+        if P % tp:
+            continue
+        H, K = shape["heads"], shape["kv_heads"]
+        if H % P == 0 and ((K >= P and K % P == 0) or (K < P and P % K == 0)):
+            out.append((tp, P // tp))
+    return out
+
+
+# -- predictions ------------------------------------------------------------------------------------------------
+
+CONCURRENCY = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+
+
+def predict(model: CostModel, name: str, world_sizes: list[int], concurrency: tuple[int, ...] = CONCURRENCY,
+            input_len: int = 512, output_len: int = 64, threshold: int | None = None, long_prompt: int = 8192) -> dict:
+    """Curves and switch points of every configuration at each P, on the best SP mesh for that P.
+
+    The best mesh is the feasible (weights fit) one with the highest predicted SP-mode throughput at the largest
+    concurrency; shift uses it with ``threshold`` (default: the predicted decode crossover on it).
+    """
+    out = dict(name=name, layers=model.layers, input_len=input_len, output_len=output_len, concurrency=list(concurrency),
+               long_prompt=long_prompt, by_world={})
+    for P in world_sizes:
+        if P not in model.parts or any(tp not in model.parts for tp, _ in meshes(P, model.shape)):
+            raise ValueError(f"predicting P={P} needs the slices of {sorted({P} | {tp for tp, _ in meshes(P, model.shape)})}, "
+                             f"measured {model.parts}")
+        candidates = [m for m in meshes(P, model.shape) if m[1] > 1 and model.fits("sp", P, m)] or [(P, 1)]
+        top = max(concurrency)
+        best = max(candidates, key=lambda m: model.closed_loop("sp", P, top, input_len, output_len, m)["output_tok_per_s"])
+        decode_x, prefill_x = model.crossover(P, "decode", best), model.crossover(P, "prefill", best)
+        thr = threshold if threshold is not None else (decode_x - 1 if decode_x else model.max_num_tokens)
+        curves = {}
+        for config in ("shift", "tp", "sp", "dp"):
+            curves[config] = [dict(concurrency=c, **{k: round(v, 4) for k, v in
+                                                      model.closed_loop(config, P, c, input_len, output_len, best, thr).items()})
+                              for c in concurrency]
+        ttft = {cfg: round(model.ttft(cfg, P, long_prompt, best), 3) for cfg in ("tp", "sp", "dp")}
+        ttft["shift"] = ttft["sp"] if long_prompt > thr else ttft["tp"]
+        per_mesh = {f"{tp}x{sp}": dict(fits=model.fits("sp", P, (tp, sp)),
+                                       sp_tok_per_s_at_max=round(model.closed_loop("sp", P, top, input_len, output_len, (tp, sp))["output_tok_per_s"], 1),
+                                       decode_crossover=model.crossover(P, "decode", (tp, sp)))
+                    for tp, sp in meshes(P, model.shape)}
+        out["by_world"][str(P)] = dict(
+            mesh=f"{best[0]}x{best[1]}", threshold=thr, decode_crossover=decode_x, prefill_crossover=prefill_x,
+            fits={cfg: model.fits(cfg, P, best) for cfg in ("shift", "tp", "sp", "dp")}, meshes=per_mesh,
+            curves=curves, ttft_ms=ttft, ratios=_ratios(curves),
+        )
+    return out
+
+
+def _ratios(curves: dict) -> dict:
+    """shift against TP and DP: at concurrency 1 (TPOT, lower is better: other / shift) and at the largest
+    concurrency (throughput, higher is better: shift / other)."""
+    low, high = 0, -1
+    r = {}
+    for other in ("tp", "dp", "sp"):
+        r[f"tpot_c1_{other}_over_shift"] = round(curves[other][low]["tpot_ms"] / curves["shift"][low]["tpot_ms"], 3)
+        r[f"throughput_cmax_shift_over_{other}"] = round(curves["shift"][high]["output_tok_per_s"] / curves[other][high]["output_tok_per_s"], 3)
+    return r
+
+
+def markdown(predictions: list[dict]) -> str:
+    """The predictions as Markdown tables for docs/benchmarks.md."""
+    lines = []
+    for pred in predictions:
+        for P, w in pred["by_world"].items():
+            fits = ", ".join(f"{k} {'fits' if v else 'does NOT fit'}" for k, v in w["fits"].items())
+            lines += [f"#### {pred['name']} ({pred['layers']} layers), P = {P} -- predicted", "",
+                      f"SP mesh {w['mesh']} (tp x sp), threshold {w['threshold']} tokens; decode crossover "
+                      f"{w['decode_crossover']}, prefill crossover {w['prefill_crossover']} tokens; weights: {fits}.", "",
+                      "| concurrency | " + " | ".join(f"{c} TPOT ms | {c} tok/s" for c in ("shift", "tp", "sp", "dp")) + " |",
+                      "|---|" + "---|" * 8]
+            for i, c in enumerate(pred["concurrency"]):
+                cells = []
+                for cfg in ("shift", "tp", "sp", "dp"):
+                    row = w["curves"][cfg][i]
+                    cells += [f"{row['tpot_ms']:.2f}", f"{row['output_tok_per_s']:,.0f}"]
+                lines.append(f"| {c} | " + " | ".join(cells) + " |")
+            r = w["ratios"]
+            t = w["ttft_ms"]
+            lines += ["", f"Ratios: TPOT at c=1, TP/shift {r['tpot_c1_tp_over_shift']}, DP/shift {r['tpot_c1_dp_over_shift']}; "
+                          f"throughput at c={pred['concurrency'][-1]}, shift/TP {r['throughput_cmax_shift_over_tp']}, "
+                          f"shift/DP {r['throughput_cmax_shift_over_dp']}, shift/SP {r['throughput_cmax_shift_over_sp']}. "
+                          f"TTFT of a {pred['long_prompt']}-token prompt: " + ", ".join(f"{k} {v:,.0f} ms" for k, v in t.items()) + ".", ""]
+    return "\n".join(lines)
+
+
+def plot(predictions: list[dict], out: Path) -> list[Path]:
+    """Predicted TPOT vs throughput, one panel per (shape, P)."""
+    from shiftlib.bench.plot import _pyplot
+
+    plt = _pyplot()
+    panels = [(pred, P, w) for pred in predictions for P, w in pred["by_world"].items()]
+    cols = min(len(panels), 2)
+    rows = math.ceil(len(panels) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(6.5 * cols, 4.5 * rows), squeeze=False)
+    for ax, (pred, P, w) in zip(axes.flat, panels):
+        for i, cfg in enumerate(("shift", "tp", "sp", "dp")):
+            pts = w["curves"][cfg]
+            style = "-o" if w["fits"][cfg] else ":x"
+            ax.plot([p["output_tok_per_s"] for p in pts], [p["tpot_ms"] for p in pts], style, ms=3, color=f"C{i}",
+                    label=cfg + ("" if w["fits"][cfg] else " (weights do not fit)"))
+            for p in pts[:: max(1, len(pts) // 5)]:
+                ax.annotate(f"c{p['concurrency']}", (p["output_tok_per_s"], p["tpot_ms"]), fontsize=6, color=f"C{i}")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("output tokens/s (all GPUs)")
+        ax.set_ylabel("TPOT (ms)")
+        ax.set_title(f"PREDICTED {pred['name']} ({pred['layers']} layers), P={P}, mesh {w['mesh']}, thr {w['threshold']}", fontsize=9)
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=7)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    fig.suptitle("cost-model predictions (one-GPU slice timings + 2xH200 collectives), not measurements")
+    fig.tight_layout()
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "predicted_latency_throughput.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+    fig, axes = plt.subplots(1, len(predictions), figsize=(6.5 * len(predictions), 4.5), squeeze=False)
+    for ax, pred in zip(axes.flat, predictions):
+        for i, (P, w) in enumerate(pred["by_world"].items()):
+            cs = [p["concurrency"] for p in w["curves"]["tp"]]
+            for cfg, ls in (("tp", "-"), ("sp", "--")):
+                ax.plot(cs, [p["decode_step_ms"] for p in w["curves"][cfg]], ls, color=f"C{i}", label=f"P={P} {cfg} ({w['mesh'] if cfg == 'sp' else f'{P}x1'})")
+            if w["decode_crossover"]:
+                ax.axvline(w["decode_crossover"], color=f"C{i}", lw=0.7, ls=":")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("decode batch (tokens per step)")
+        ax.set_ylabel("step time (ms)")
+        ax.set_title(f"PREDICTED decode step: TP vs SP mode, {pred['name']} (dotted: crossover)", fontsize=9)
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    path2 = out / "predicted_crossover.png"
+    fig.savefig(path2, dpi=110)
+    plt.close(fig)
+    return [path, path2]
+
+
+# -- command line -----------------------------------------------------------------------------------------------
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x.strip()]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m shiftlib.bench.costmodel", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    m = sub.add_parser("measure", help="time the slice models on this one device")
+    m.add_argument("--preset", required=True)
+    m.add_argument("--parts", type=_ints, default=[1, 2, 4, 8], help="slices to time: the model with heads etc. / p")
+    m.add_argument("--layers", type=_ints, default=None, help="depths to time at, e.g. 8,4 (default: the preset's)")
+    m.add_argument("--batches", type=_ints, default=[1, 4, 16, 32, 64, 128, 256])
+    m.add_argument("--prefill", type=_ints, default=[128, 512, 1024, 2048, 4096])
+    m.add_argument("--context", type=int, default=512, help="prompt tokens of the decoding requests (default 512)")
+    m.add_argument("--long-prompts", type=_ints, default=[8192])
+    m.add_argument("--decode-steps", type=int, default=8)
+    m.add_argument("--device", choices=("cuda", "cpu"), default=None)
+    m.add_argument("--output", type=Path, required=True)
+    p = sub.add_parser("predict", help="predict P = 2, 4, 8 from measurements")
+    p.add_argument("measurements", type=Path, nargs="+")
+    p.add_argument("--layers", type=_ints, default=None, help="depth to predict per measurement file (default: the preset's)")
+    p.add_argument("--world", type=_ints, default=[2, 4, 8])
+    p.add_argument("--threshold", type=int, default=None, help="shift's threshold (default: the predicted decode crossover)")
+    p.add_argument("--input-len", type=int, default=512)
+    p.add_argument("--output-len", type=int, default=64)
+    p.add_argument("--output", type=Path, required=True, help="predictions JSON")
+    p.add_argument("--markdown", type=Path, default=None)
+    p.add_argument("--plots", type=Path, default=None)
+    args = parser.parse_args(argv)
+    if args.command == "measure":
+        result = measure(args.preset, args.parts, args.layers, args.batches, args.prefill, args.context, args.long_prompts,
+                         args.decode_steps, device=args.device)
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        args.output.write_text(json.dumps(result, indent=1) + "\n")
+        return 0
+    preds = []
+    for i, path in enumerate(args.measurements):
+        meas = json.loads(path.read_text())
+        layers = args.layers[i] if args.layers else None
+        model = CostModel(meas, layers)
+        name = meas["preset"] if layers in (None, meas["shape"]["layers"]) else f"{meas['preset']} extended"
+        preds.append(predict(model, name, args.world, input_len=args.input_len, output_len=args.output_len, threshold=args.threshold))
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(preds, indent=1) + "\n")
+    text = markdown(preds)
+    if args.markdown:
+        args.markdown.write_text(text + "\n")
+    else:
+        print(text)
+    if args.plots:
+        plot(preds, args.plots)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
