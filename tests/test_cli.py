@@ -62,9 +62,9 @@ def test_generate_reads_a_prompts_file_applies_the_chat_template_and_writes_json
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
     prompts.write_text('"plain string"\n\n{"prompt": "an object"}\n' + json.dumps({"messages": messages}) + "\n")
     output = tmp_path / "out.jsonl"
-    ((code, out, err),) = ranks(1).run(_main, ["generate", "--model", str(tiny), "--prompt", "first", "--prompts-file",
-                                               str(prompts), "--chat", "--max-new-tokens", str(NEW), "--dtype", "float64",
-                                               "--output", str(output)])
+    argv = ["generate", "--model", str(tiny), "--prompt", "first", "--prompts-file", str(prompts), "--chat",
+            "--max-new-tokens", str(NEW), "--dtype", "float64", "--output", str(output)]
+    ((code, out, err),) = ranks(1).run(_main, argv)
     assert code == 0, err
     assert out == f"wrote 4 completions to {output}\n"
     tok = AutoTokenizer.from_pretrained(tiny)
@@ -94,7 +94,8 @@ def test_generate_under_torchrun_on_two_ranks_with_the_embedded_tiny_model(tmp_p
     assert run.stdout == f"wrote 2 completions to {output}\n"
     (path,) = home.iterdir()  # one checkpoint, no temporary directory left
     tok = AutoTokenizer.from_pretrained(path)
-    for row, prompt in zip([json.loads(line) for line in output.read_text().splitlines()], ["Hello world", "Shift parallelism"]):
+    rows = [json.loads(line) for line in output.read_text().splitlines()]
+    for row, prompt in zip(rows, ["Hello world", "Shift parallelism"], strict=True):
         assert row["prompt"] == prompt and row["prompt_ids"] == tok.encode(prompt)
         assert row["token_ids"] == hf_greedy(path, row["prompt_ids"], NEW)
 
@@ -135,7 +136,8 @@ def test_info_prints_the_mesh_head_map_and_memory_per_rank(ranks, tiny, tp, sp):
                            span(range(heads.q_heads(shard.start).start, heads.q_heads(shard.stop - 1).stop)),
                            span(range(sp_kv[0], sp_kv[-1] + 1))]
         assert " ".join(row[7:]) == params
-    block = PagedKVCache.bytes_per_block(config.num_hidden_layers, 16, heads.kv_per_chunk, config.head_dim, torch.float32)
+    block = PagedKVCache.bytes_per_block(config.num_hidden_layers, 16, heads.kv_per_chunk, config.head_dim,
+                                         torch.float32)
     assert f"parameters {params}; KV cache {_bytes(block)} per block of 16 tokens" in out
 
 

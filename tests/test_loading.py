@@ -41,7 +41,7 @@ def _hf(path: Path) -> AutoModelForCausalLM:
 
 def _held_bytes(model) -> int:
     """Bytes of the distinct storages behind the model's parameters on this rank."""
-    storages = {p._local_tensor.untyped_storage().data_ptr(): p._local_tensor.untyped_storage().nbytes() for p in model.parameters()}
+    storages = {s.data_ptr(): s.nbytes() for s in (p._local_tensor.untyped_storage() for p in model.parameters())}
     return sum(storages.values())
 
 
@@ -53,7 +53,8 @@ def _load_and_generate(paths: dict[str, str], world: int, batch: list[list[int]]
             model = from_pretrained(path, mesh, dtype="float64")
             with torch.no_grad():
                 logits = model(input_ids=torch.tensor(batch)).logits
-            tokens = {m: shiftlib.generate(model, ps, max_new_tokens=NEW, mode=m, ignore_eos=True) for m in ("tp", "sp")}
+            tokens = {m: shiftlib.generate(model, ps, max_new_tokens=NEW, mode=m, ignore_eos=True)
+                      for m in ("tp", "sp")}
             tied = model.lm_head._w.data_ptr() == model.model.embed_tokens._w.data_ptr()
             results.append((tp, sp, family, logits, tokens, _held_bytes(model), tied))
     return results
@@ -65,7 +66,8 @@ def test_greedy_tokens_from_a_checkpoint_equal_hugging_face_on_every_mesh(ranks,
     want_tokens, want_logits, config = {}, {}, {}
     for family, path in checkpoints.items():
         hf = _hf(path)
-        want_tokens[family] = [hf.generate(torch.tensor([p]), do_sample=False, max_new_tokens=NEW)[0, len(p):].tolist() for p in ps]
+        want_tokens[family] = [hf.generate(torch.tensor([p]), do_sample=False, max_new_tokens=NEW)[0, len(p):].tolist()
+                               for p in ps]
         with torch.no_grad():
             want_logits[family] = hf(input_ids=torch.tensor(batch)).logits
         config[family] = hf.config
@@ -134,13 +136,15 @@ BAD_CHECKPOINTS = {
     "no config.json": (lambda p: (p / "config.json").unlink(), FileNotFoundError, "no config.json in"),
     "unsupported architecture": (lambda p: _set_config(p, architectures=["GPT2LMHeadModel"]), ValueError,
                                  "unsupported architecture 'GPT2LMHeadModel'"),
-    "missing shard": (lambda p: _shards(p)[2].unlink(), FileNotFoundError, "model-00003-of-00005.safetensors is missing"),
+    "missing shard": (lambda p: _shards(p)[2].unlink(), FileNotFoundError,
+                      "model-00003-of-00005.safetensors is missing"),
     "no weights": (lambda p: [s.unlink() for s in [*_shards(p), p / "model.safetensors.index.json"]], FileNotFoundError,
                    "no model.safetensors or model.safetensors.index.json"),
     "truncated shard": (_truncate, ValueError, r"corrupt or truncated checkpoint shard .*model-00002-of-00005"),
     "corrupt header": (_garble_header, ValueError, r"corrupt or truncated checkpoint shard .*model-00001-of-00005"),
     "missing tensor": (_drop_tensor, ValueError, "tensor 'model.layers.1.mlp.up_proj.weight' is missing"),
-    "shape mismatch": (lambda p: _set_config(p, intermediate_size=256), ValueError, "the checkpoint and its config.json disagree"),
+    "shape mismatch": (lambda p: _set_config(p, intermediate_size=256), ValueError,
+                       "the checkpoint and its config.json disagree"),
 }
 
 
@@ -167,8 +171,11 @@ def test_a_bad_checkpoint_gives_a_clear_error(ranks, checkpoints, tmp_path, case
     assert re.search(pattern, message), message
 
 
-@pytest.mark.parametrize("dtype, pattern", [("float8", "unknown dtype 'float8'"), (torch.float8_e4m3fn, "is not supported"),
-                                            (torch.int8, "is not supported")])
+BAD_DTYPES = [("float8", "unknown dtype 'float8'"), (torch.float8_e4m3fn, "is not supported"),
+              (torch.int8, "is not supported")]
+
+
+@pytest.mark.parametrize("dtype, pattern", BAD_DTYPES)
 def test_a_bad_dtype_gives_a_clear_error(ranks, checkpoints, dtype, pattern):
     ((name, message),) = ranks(1).run(_load_error, str(checkpoints["llama"]), 1, 1, dtype)
     assert name == "ValueError" and pattern in message, message
@@ -193,7 +200,8 @@ MEMORY_SLACK = 8 * 2**20  # Python objects, headers, progress bar: measured ~1 M
 
 
 def _resident() -> dict[str, int]:
-    return {line.split(":")[0]: int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith(("VmRSS", "VmHWM"))}
+    with open("/proc/self/status") as f:
+        return {line.split(":")[0]: int(line.split()[1]) * 1024 for line in f if line.startswith(("VmRSS", "VmHWM"))}
 
 
 def _peak_while_loading(path: str, warmup: str, tp: int, sp: int) -> dict[str, int]:

@@ -65,7 +65,8 @@ def tiny_tokenizer(vocab_size: int = TINY_VOCAB):
         raise ValueError(f"the tiny tokenizer's training text gives {tok.get_vocab_size()} tokens, not {vocab_size}: "
                          f"choose a smaller vocab_size")
     bos = tok.token_to_id("<s>")
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos)])
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                       special_tokens=[("<s>", bos)])
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", chat_template=CHAT_TEMPLATE,
     )
@@ -90,7 +91,8 @@ def write_tiny(directory: str | os.PathLike, family: str = "llama", seed: int = 
         >>> model = shiftlib.from_pretrained(path, shiftlib.init_mesh(1, 1))
     """
     tokenizer = tiny_tokenizer(overrides.pop("vocab_size", TINY_VOCAB))
-    ids = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    ids = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+               pad_token_id=tokenizer.pad_token_id)
     config = tiny_config(family, vocab_size=len(tokenizer), **{**ids, **overrides})
     model = random_model(config, seed=seed)
     model.generation_config.update(**ids)

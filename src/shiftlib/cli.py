@@ -123,7 +123,8 @@ def read_prompts(args) -> list[str | list[dict]]:
             try:
                 item = json.loads(line)
             except ValueError:
-                raise UserError(f"{path} line {n} is not valid JSON: write one JSON string or object per line") from None
+                raise UserError(f"{path} line {n} is not valid JSON: write one JSON string or object per "
+                                f"line") from None
             if isinstance(item, dict) and isinstance(item.get("messages"), list):
                 prompts.append(item["messages"])
             elif isinstance(item, dict) and isinstance(item.get("prompt"), str):
@@ -240,7 +241,8 @@ def describe(config, tp: int, sp: int, dtype, block_size: int) -> str:
     if heads.num_kv_heads < P:
         lines.append(f"        {heads.num_kv_heads} KV heads < {P} ranks: each KV head is stored on "
                      f"{P // heads.num_kv_heads} ranks (replicated)")
-    header = f"{'rank':>4} {'(t,s)':>6} {'chunk':>5}  {'q heads':>9} {'kv heads':>9}  {'SP-mode q':>9} {'SP-mode kv':>10}  {'params':>10}"
+    header = (f"{'rank':>4} {'(t,s)':>6} {'chunk':>5}  {'q heads':>9} {'kv heads':>9}  {'SP-mode q':>9} "
+              f"{'SP-mode kv':>10}  {'params':>10}")
     lines += ["", header]
     for t in range(tp):
         shard = range(t * sp, (t + 1) * sp)
@@ -248,7 +250,8 @@ def describe(config, tp: int, sp: int, dtype, block_size: int) -> str:
         sp_kv = sorted({k for c in shard for k in heads.kv_heads(c)})
         for s in range(sp):
             c = t * sp + s
-            lines.append(f"{c:>4} {f'({t},{s})':>6} {c:>5}  {_span(heads.q_heads(c)):>9} {_span(heads.kv_heads(c)):>9}  "
+            lines.append(f"{c:>4} {f'({t},{s})':>6} {c:>5}  {_span(heads.q_heads(c)):>9} "
+                         f"{_span(heads.kv_heads(c)):>9}  "
                          f"{_span(sp_q):>9} {_span(range(sp_kv[0], sp_kv[-1] + 1)):>10}  {_bytes(param_bytes):>10}")
     lines += [
         "",

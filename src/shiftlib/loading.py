@@ -229,7 +229,8 @@ class Checkpoint:
 
     def get(self, name: str) -> StoredTensor:
         if name not in self.tensors:
-            where = f" (the index names {self.weight_map[name]}, which lacks it)" if self.weight_map and name in self.weight_map else ""
+            listed = self.weight_map.get(name) if self.weight_map else None
+            where = f" (the index names {listed}, which lacks it)" if listed else ""
             raise ValueError(f"tensor {name!r} is missing from the checkpoint{where}: the checkpoint does not match "
                              f"its config.json; re-save the model with save_pretrained")
         return self.tensors[name]
@@ -298,8 +299,10 @@ def _prepare(directory: Path, mesh: DeviceMesh, dtype: str | torch.dtype | None)
     from transformers import AutoModelForCausalLM, GenerationConfig
 
     config = _read_config(directory)
-    device = torch.device(mesh.device_type, torch.cuda.current_device()) if mesh.device_type == "cuda" else torch.device("cpu")
-    dtype = resolve_dtype(dtype if dtype is not None else getattr(config, "dtype", None) or getattr(config, "torch_dtype", None), device)
+    device = torch.device("cuda", torch.cuda.current_device()) if mesh.device_type == "cuda" else torch.device("cpu")
+    if dtype is None:
+        dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    dtype = resolve_dtype(dtype, device)
     HeadMap(config.num_attention_heads, config.num_key_value_heads,
             getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads, mesh.size())
     with torch.device("meta"):
