@@ -129,8 +129,11 @@ def _attend_by_sequence(q, k, v, k_store, v_store, batch: AttentionBatch, scale:
         if hi == lo:
             continue
         if hi - lo == length and window is None:  # a whole prompt at once: its own K/V, plain causal
+            kb, vb = k[lo:hi], v[lo:hi]
+            if q.is_cuda and kb.shape[1] != q.shape[1]:  # flash attention takes no GQA: share KV heads by copy
+                kb, vb = (t.repeat_interleave(q.shape[1] // t.shape[1], dim=1) for t in (kb, vb))
             o = F.scaled_dot_product_attention(
-                q[lo:hi].transpose(0, 1), k[lo:hi].transpose(0, 1), v[lo:hi].transpose(0, 1),
+                q[lo:hi].transpose(0, 1), kb.transpose(0, 1), vb.transpose(0, 1),
                 is_causal=True, scale=scale, enable_gqa=True,
             )  # fmt: skip
             out[lo:hi] = o.transpose(0, 1)

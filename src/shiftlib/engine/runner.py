@@ -10,6 +10,7 @@ when asked for, which is how the tests check the graphs' padding and buffers.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from shiftlib.cache import PagedKVCache
@@ -48,7 +49,7 @@ class Runner:
         query_start, context_lens = [0], []
         for b, (seq, n) in enumerate(plan.work):
             start = seq.num_cached
-            tokens += seq.tokens[start : start + n]
+            tokens += seq.token_slice(start, start + n)
             positions += range(start, start + n)
             seq_idx += [b] * n
             slots += [seq.blocks[p // bs] * bs + p % bs for p in range(start, start + n)]
@@ -57,11 +58,12 @@ class Runner:
             if start + n == seq.num_tokens:  # all known tokens are in: sample the next one
                 rows.append(query_start[-1] - 1)
                 sampled.append(seq)
-        width = max(len(seq.blocks) for seq, _ in plan.work)
-        tables = [seq.blocks + [0] * (width - len(seq.blocks)) for seq, _ in plan.work]
+        tables = np.zeros((len(plan.work), max(len(seq.blocks) for seq, _ in plan.work)), dtype=np.int32)
+        for b, (seq, _) in enumerate(plan.work):
+            tables[b, : len(seq.blocks)] = seq.blocks
 
         def dev(x, dtype=torch.long) -> torch.Tensor:
-            return torch.tensor(x, dtype=dtype).to(self.device, non_blocking=True)
+            return torch.as_tensor(x, dtype=dtype).to(self.device, non_blocking=True)
 
         pos = dev(positions)
         batch = AttentionBatch(

@@ -40,6 +40,13 @@ class Sequence:
     def num_tokens(self) -> int:
         return len(self.prompt) + len(self.output)
 
+    def token_slice(self, start: int, stop: int) -> list[int]:
+        """``tokens[start:stop]`` without building the whole list (a decode step needs one token)."""
+        p = len(self.prompt)
+        if start >= p:
+            return self.output[start - p : stop - p]
+        return self.prompt[start:stop] + self.output[: max(stop - p, 0)]
+
     @property
     def pending(self) -> int:
         """Tokens still to be run through the model before the next sample."""
