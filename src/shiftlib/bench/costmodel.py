@@ -145,9 +145,6 @@ def measure(preset: str, parts: list[int], layers: list[int] | None, batches: li
     dtype = dtype or (torch.bfloat16 if device == "cuda" else torch.float32)
     config = preset_config(preset)
     layers = layers or [config.num_hidden_layers]
-    if max(prefill_tokens, default=0) > max_num_tokens:
-        raise ValueError(f"prefill sizes up to {max(prefill_tokens)} exceed max_num_tokens={max_num_tokens}: a step "
-                         f"never holds more; lower them or raise --max-num-tokens")
     mesh = shiftlib.init_mesh(1, 1, device)
     dev = mesh.device_type if device == "cpu" else torch.device("cuda", torch.cuda.current_device())
     runs = []
@@ -157,21 +154,29 @@ def measure(preset: str, parts: list[int], layers: list[int] | None, batches: li
             if progress:
                 print(f"measure {preset} layers={L} p={p}", file=sys.stderr, flush=True)
             model = shiftlib.parallelize(random_model(cfg, dtype, dev, seed), mesh)
-            ctx_tokens = max(batches) * (context + decode_steps + 8) + max_num_tokens + max(batches) ** 2 * context // max_num_tokens
-            ctx_tokens = max(ctx_tokens, max(long_prompts + [0]) + max_num_tokens)
-            engine = shiftlib.Engine(model, num_blocks=math.ceil(1.2 * ctx_tokens / 16) + max(batches) + 8, block_size=16,
-                                     max_num_tokens=max_num_tokens, max_num_seqs=max(batches), mode="tp")
+            # Decode timings come from an engine whose budget prefills every batch in one step, so its requests
+            # decode together from the next step on (no mixed prefill + decode steps in between); prefill steps
+            # of n tokens fit in it too. TTFT uses the benchmark's budget, with its chunked prefill.
+            budget = max(max_num_tokens, max(batches) * context)
+            blocks = math.ceil(1.2 * max(batches) * (context + decode_steps + 8) / 16) + max(batches) + 8
+            engine = shiftlib.Engine(model, num_blocks=blocks, block_size=16, max_num_tokens=budget,
+                                     max_num_seqs=max(batches), mode="tp")
             rng = torch.Generator().manual_seed(seed)
             run = dict(layers=L, p=p, weights_bytes=weight_bytes(cfg)["total"], decode_ms={}, prefill_ms={}, ttft_ms={})
-            _decode_ms(engine, 1, context, 2, cfg.vocab_size, rng, max_num_tokens)  # compile, autotune, first allocations
+            _decode_ms(engine, 1, context, 2, cfg.vocab_size, rng, budget)  # compile, autotune, first allocations
             for b in batches:
-                run["decode_ms"][str(b)] = round(_decode_ms(engine, b, context, decode_steps, cfg.vocab_size, rng, max_num_tokens), 4)
+                run["decode_ms"][str(b)] = round(_decode_ms(engine, b, context, decode_steps, cfg.vocab_size, rng, budget), 4)
             for n in prefill_tokens:
                 run["prefill_ms"][str(n)] = round(_prefill_ms(engine, n, context, cfg.vocab_size, rng), 4)
-            for n in long_prompts:
-                run["ttft_ms"][str(n)] = round(_ttft_ms(engine, n, cfg.vocab_size, rng), 4)
+            del engine
+            if long_prompts:
+                engine = shiftlib.Engine(model, num_blocks=math.ceil(1.2 * max(long_prompts) / 16) + 8, block_size=16,
+                                         max_num_tokens=max_num_tokens, max_num_seqs=4, mode="tp")
+                for n in long_prompts:
+                    run["ttft_ms"][str(n)] = round(_ttft_ms(engine, n, cfg.vocab_size, rng), 4)
+                del engine
             runs.append(run)
-            del engine, model
+            del model
             if device == "cuda":
                 torch.cuda.empty_cache()
     c = config
