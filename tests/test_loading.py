@@ -143,6 +143,8 @@ BAD_CHECKPOINTS = {
     "truncated shard": (_truncate, ValueError, r"corrupt or truncated checkpoint shard .*model-00002-of-00005"),
     "corrupt header": (_garble_header, ValueError, r"corrupt or truncated checkpoint shard .*model-00001-of-00005"),
     "missing tensor": (_drop_tensor, ValueError, "tensor 'model.layers.1.mlp.up_proj.weight' is missing"),
+    "quantized": (lambda p: _set_config(p, quantization_config={"quant_method": "fp8"}), ValueError,
+                  "quantization_config, quant_method 'fp8': quantized checkpoints are not supported"),
     "shape mismatch": (lambda p: _set_config(p, intermediate_size=256), ValueError,
                        "the checkpoint and its config.json disagree"),
 }

@@ -276,6 +276,11 @@ def _read_config(directory: Path):
         check_architecture(archs[0])
     except ValueError as e:
         raise ValueError(f"{path}: {e}") from None
+    quantization = raw.get("quantization_config")
+    if quantization:  # e.g. FP8 weights with scales: copying them into a float dtype would be silently wrong
+        method = quantization.get("quant_method", "?") if isinstance(quantization, dict) else "?"
+        raise ValueError(f"{path} has a quantization_config, quant_method {method!r}"
+                         f": quantized checkpoints are not supported, use a float16/bfloat16/float32 one")
     try:
         return AutoConfig.from_pretrained(directory)
     except (ValueError, KeyError, OSError) as e:
@@ -319,7 +324,7 @@ def _prepare(directory: Path, mesh: DeviceMesh, dtype: str | torch.dtype | None)
             if stored.shape != shape:
                 raise ValueError(f"tensor {name!r} has shape {stored.shape} in {stored.file.path} but config.json "
                                  f"implies {shape}: the checkpoint and its config.json disagree")
-            if not stored.dtype.is_floating_point:
+            if stored.dtype not in COMPUTE_DTYPES:
                 raise ValueError(f"tensor {name!r} in {stored.file.path} is {stored.dtype}: quantized checkpoints "
                                  f"are not supported, use a float16/bfloat16/float32 one")
         tokenizer = _load_tokenizer(directory)
