@@ -177,6 +177,7 @@ def measure(preset: str, parts: list[int], layers: list[int] | None, batches: li
                 del engine
             runs.append(run)
             del model
+            torch._dynamo.reset()  # the next slice has other shapes: drop compiled kernels rather than pile up recompiles
             if device == "cuda":
                 torch.cuda.empty_cache()
     c = config

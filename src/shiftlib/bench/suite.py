@@ -148,7 +148,9 @@ def _cache_blocks(config, kv_chunks: int, dtype: torch.dtype, opts: BenchOptions
 
 
 def _free() -> None:
-    """Give a finished configuration's GPU memory back before the next one is built."""
+    """Give a finished configuration's GPU memory back before the next one is built, and its compiled kernels
+    (the next model may have other per-rank shapes: fresh compiles instead of a pile of recompiles)."""
+    torch._dynamo.reset()
     if torch.cuda.is_available():
         gc.collect()
         torch.cuda.empty_cache()
