@@ -105,7 +105,7 @@ def main() -> None:
     params = weight_bytes / 2
     result = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "hbm_bytes_per_s": bw,
               "matmul_flops_per_s": peak, "weight_bytes_read_per_step": weight_bytes, "decode": [], "prefill": []}
-    for b in map(int, args.batches.split(",")):
+    for b in [int(b) for b in args.batches.split(",") if b]:
         ctx = args.prompt + args.new // 2
         roof = (weight_bytes + b * ctx * kv_per_token) / bw
         for graphs in (False, True):

@@ -81,7 +81,9 @@ def attend(
     scale: float,
     window: int | None,
 ) -> torch.Tensor:
-    """Store the step's K/V, then attend. q: (N, hq, d); k, v: (N, hkv, d); cache: (slots, hkv, d) each.
+    """Attend over the cache, into which the step's K/V were already stored (``rope_store``).
+
+    q: (N, hq, d); k, v: (N, hkv, d), the step's own; cache: (slots, hkv, d) each.
 
     Backends: decode steps use the Triton flash-decoding kernel on GPU (or its PyTorch twin on CPU), both driven
     by device tensors only, so the step can be captured in a CUDA graph. Other steps go sequence by sequence
@@ -92,8 +94,6 @@ def attend(
         k_store, v_store = k, v
     else:
         k_store, v_store = kv_cache
-        k_store.index_copy_(0, batch.write_slots, k)
-        v_store.index_copy_(0, batch.write_slots, v)
         if batch.decode:
             if q.is_cuda:
                 from shiftlib.triton_decode import paged_decode
@@ -122,21 +122,25 @@ def decode_reference(q, k_cache, v_cache, block_tables, context_lens, block_size
     return torch.where(context_lens[:, None, None] > 0, o, 0)
 
 
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, **mask) -> torch.Tensor:
+    """SDPA on (tokens, heads, d), shaped for the fused kernels: 4-D inputs, and on GPU no GQA flag (KV heads
+    are shared by copy) — either would send a long prefill to the quadratic-memory math kernel."""
+    gqa = k.shape[1] != q.shape[1]
+    if q.is_cuda and gqa:
+        k, v = (t.repeat_interleave(q.shape[1] // t.shape[1], dim=1) for t in (k, v))
+        gqa = False
+    q, k, v = (t.transpose(0, 1)[None] for t in (q, k, v))
+    return F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=gqa, **mask)[0].transpose(0, 1)
+
+
 def _attend_by_sequence(q, k, v, k_store, v_store, batch: AttentionBatch, scale: float, window: int | None) -> torch.Tensor:
     out = q.new_zeros(q.shape)
     for b, length in enumerate(batch.context_lens_host):
         lo, hi = batch.query_start[b], batch.query_start[b + 1]
         if hi == lo:
             continue
-        if hi - lo == length and window is None:  # a whole prompt at once: its own K/V, plain causal
-            kb, vb = k[lo:hi], v[lo:hi]
-            if q.is_cuda and kb.shape[1] != q.shape[1]:  # flash attention takes no GQA: share KV heads by copy
-                kb, vb = (t.repeat_interleave(q.shape[1] // t.shape[1], dim=1) for t in (kb, vb))
-            o = F.scaled_dot_product_attention(
-                q[lo:hi].transpose(0, 1), kb.transpose(0, 1), vb.transpose(0, 1),
-                is_causal=True, scale=scale, enable_gqa=True,
-            )  # fmt: skip
-            out[lo:hi] = o.transpose(0, 1)
+        if hi - lo == length and window is None:  # a whole prompt at once: its own K/V, plain causal (flash)
+            out[lo:hi] = _sdpa(q[lo:hi], k[lo:hi], v[lo:hi], scale, is_causal=True)
             continue
         keys = torch.arange(length, device=q.device)
         slots = batch.block_tables[b, keys // batch.block_size].long() * batch.block_size + keys % batch.block_size
@@ -144,13 +148,5 @@ def _attend_by_sequence(q, k, v, k_store, v_store, batch: AttentionBatch, scale:
         mask = keys <= qpos
         if window is not None:
             mask &= keys > qpos - window
-        o = F.scaled_dot_product_attention(
-            q[lo:hi].transpose(0, 1),
-            k_store[slots].transpose(0, 1),
-            v_store[slots].transpose(0, 1),
-            attn_mask=mask,
-            scale=scale,
-            enable_gqa=True,
-        )
-        out[lo:hi] = o.transpose(0, 1)
+        out[lo:hi] = _sdpa(q[lo:hi], k_store[slots], v_store[slots], scale, attn_mask=mask)
     return out

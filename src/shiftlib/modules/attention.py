@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from shiftlib.mesh import HeadMap, ShiftMesh
-from shiftlib.modules.fused import rope_qk
+from shiftlib.modules.fused import rope_qk, rope_store
 from shiftlib.modules.norm import RMSNorm
 from shiftlib.modules.source import Source, cols, rows, whole
 from shiftlib.paged_attention import AttentionBatch, attend
@@ -103,7 +103,10 @@ class ShiftAttention(nn.Module):
         q, k, v = qkv.split([hq, hkv, hkv], dim=1)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = rope_qk(q, k, cos, sin)
+        if kv_cache is None:
+            q, k = rope_qk(q, k, cos, sin)
+        else:
+            q, k = rope_store(q, k, v, cos, sin, *kv_cache, batch.write_slots)
         o = attend(q, k, v, batch, kv_cache, self.scale, self.window)  # (N, hq, d): my heads, all tokens
         if mode == "sp":  # back to (N/sp tokens, sp chunks of heads), then the tp shard of o_proj
             o = self.mesh.all_to_all_sp(o.view(sp, -1, hq * d)).transpose(0, 1).reshape(-1, sp * hq * d)
