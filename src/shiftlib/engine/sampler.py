@@ -55,11 +55,10 @@ def top_p_mask(logits: torch.Tensor, p: float) -> torch.Tensor:
 
 
 def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]) -> list[int]:
-    """One token per row of ``logits`` (R, V) in float32."""
-    logits = logits.float()
+    """One token per row of ``logits`` (R, V); greedy rows take the argmax, sampled rows work in float32."""
     out = logits.argmax(-1).tolist()
     for i, p in enumerate(params):
         if p.temperature > 0:
-            row = top_p_mask(top_k_mask(logits[i : i + 1] / p.temperature, p.top_k), p.top_p)
+            row = top_p_mask(top_k_mask(logits[i : i + 1].float() / p.temperature, p.top_k), p.top_p)
             out[i] = int(torch.multinomial(row.softmax(-1), 1, generator=generators[i]).item())
     return out
