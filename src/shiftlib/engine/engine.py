@@ -263,11 +263,15 @@ def generate(
     Args:
         model: from :func:`shiftlib.parallelize` or :func:`shiftlib.from_pretrained`.
         prompts: lists of token ids, or strings when the model has a tokenizer.
-        max_new_tokens, temperature, top_p, top_k: sampling; ``temperature=0`` is greedy.
+        max_new_tokens: new tokens per prompt at most (fewer when a stop token comes first).
+        temperature: ``0`` is greedy; otherwise logits are divided by it before sampling.
+        top_p: nucleus sampling: keep the most likely tokens up to this probability mass (``1`` disables).
+        top_k: keep only the ``k`` most likely tokens (``0`` disables).
         seed: request ``i`` samples with seed ``seed + i``; ``None`` draws one seed shared by all ranks.
         mode: ``"auto"``, ``"tp"`` or ``"sp"`` for this call.
         threshold: switch point in tokens for this call; ``None`` keeps the model's.
         stop_token_ids: extra tokens that end a request (EOS always does unless ``ignore_eos``).
+        ignore_eos: keep generating through the model's EOS token (benchmarks use it for fixed lengths).
         return_text: decode the new tokens with the model's tokenizer.
         **engine_kwargs: passed to :class:`Engine` (``num_blocks``, ``block_size``, ``max_num_tokens``, ...).
 
