@@ -211,32 +211,38 @@ def _interp(points: tuple[tuple[float, float], ...], x: float) -> float:
 
 @dataclass(frozen=True)
 class Comm:
-    """Collective times in ms from the 2 x H200 figures, scaled to P ranks by ring bytes per rank."""
+    """Collective times in ms from the 2 x H200 figures, scaled to P ranks by ring bytes per rank.
+
+    A collective costs ``latency_ms`` plus a bandwidth part: the measured time at its size minus the measured
+    time of the smallest message. ``latency_ms`` defaults to that smallest measured time (eager); inside CUDA
+    graphs it is lower, which ``--latency-ms`` explores.
+    """
 
     all_reduce_2: tuple[tuple[float, float], ...] = ALL_REDUCE_2XH200
     all_to_all_2: tuple[tuple[float, float], ...] = ALL_TO_ALL_2XH200
     latency_ms: float = 0.034
 
+    @staticmethod
+    def _bandwidth_part(points: tuple[tuple[float, float], ...], nbytes: float) -> float:
+        return max(_interp(points, nbytes) - points[0][1], 0.0)
+
     def all_reduce(self, nbytes: float, ranks: int) -> float:
         """Sum of an ``nbytes`` buffer over ``ranks`` (ring: each rank moves 2(P-1)/P of it; 1 at P = 2)."""
         if ranks <= 1:
             return 0.0
-        bw = _interp(self.all_reduce_2, nbytes) - self.latency_ms
-        return self.latency_ms + bw * 2 * (ranks - 1) / ranks
+        return self.latency_ms + self._bandwidth_part(self.all_reduce_2, nbytes) * 2 * (ranks - 1) / ranks
 
     def all_to_all(self, nbytes_per_rank: float, ranks: int) -> float:
         """Each rank sends (P-1)/P of its ``nbytes_per_rank`` buffer (1/2 at P = 2, where it was measured)."""
         if ranks <= 1:
             return 0.0
-        bw = _interp(self.all_to_all_2, nbytes_per_rank) - self.latency_ms
-        return self.latency_ms + bw * 2 * (ranks - 1) / ranks
+        return self.latency_ms + self._bandwidth_part(self.all_to_all_2, nbytes_per_rank) * 2 * (ranks - 1) / ranks
 
     def all_gather(self, total_bytes: float, ranks: int) -> float:
         """Every rank receives (P-1)/P of the ``total_bytes`` result: half an all-reduce's traffic."""
         if ranks <= 1:
             return 0.0
-        bw = _interp(self.all_reduce_2, total_bytes) - self.latency_ms
-        return self.latency_ms + bw * (ranks - 1) / ranks
+        return self.latency_ms + self._bandwidth_part(self.all_reduce_2, total_bytes) * (ranks - 1) / ranks
 
 
 # -- the model --------------------------------------------------------------------------------------------------
@@ -371,11 +377,13 @@ class CostModel:
 
     def closed_loop(self, config: str, P: int, concurrency: int, input_len: int, output_len: int,
                     mesh: tuple[int, int] = (1, 1), threshold: int = 256) -> dict:
-        """A wave of ``concurrency`` requests (as the benchmark's closed loop runs them): the prompts prefilled in
-        steps of ``max_num_tokens``, then ``output_len`` decode steps of the whole batch.
+        """Steady state of ``concurrency`` clients: while a request decodes (``output_len - 1`` steps of the whole
+        batch) the engine also prefills the prompts of the ``concurrency - 1`` others, in steps of
+        ``max_num_tokens`` tokens. Each step is priced as a pure decode or a pure prefill step of its size.
 
-        Returns TPOT (wave time / output tokens, prefills of the others included), TTFT (the wave's prefill,
-        half on average) and output throughput. DP runs ``concurrency / P`` requests on each replica.
+        Returns TPOT (decode steps plus the others' prefills, per token), TTFT (prefill chunks up to and including
+        the request's own, half of them on average), the decode step and the output throughput (requests x
+        output tokens per cycle of prefills and decodes). DP runs ``concurrency / P`` requests on each replica.
         """
         replicas = P if config == "dp" else 1
         c = concurrency / replicas if config == "dp" else concurrency
@@ -393,16 +401,37 @@ class CostModel:
 
         prefill = sum(step("prefill", n, n / input_len) for n in chunks)
         decode = step("decode", c_ceil, c_ceil)
-        wave = prefill + (output_len - 1) * decode
-        return dict(tpot_ms=wave / max(output_len - 1, 1), ttft_ms=prefill / 2 + step("prefill", chunks[0], 1) / 2,
-                    decode_step_ms=decode, prefill_ms=prefill, output_tok_per_s=1000 * concurrency * output_len / wave)
+        cycle = prefill + (output_len - 1) * decode
+        others = prefill * (c_ceil - 1) / c_ceil
+        return dict(tpot_ms=((output_len - 1) * decode + others) / max(output_len - 1, 1),
+                    ttft_ms=(prefill + step("prefill", chunks[0], chunks[0] / input_len)) / 2,
+                    decode_step_ms=decode, prefill_ms=prefill, output_tok_per_s=1000 * concurrency * output_len / cycle)
 
     def crossover(self, P: int, kind: str, mesh: tuple[int, int], limit: int = 4096) -> int | None:
-        """The smallest step size (tokens) from which SP mode on ``mesh`` is predicted faster than TP mode."""
-        for n in range(1, limit + 1):
+        """The smallest step size (tokens) from which SP mode on ``mesh`` is predicted faster than TP mode.
+
+        Searched from the smallest measured size of ``kind`` up (below it the timings are extrapolated flat);
+        a result equal to that size means "at or below it". None: TP mode stays faster up to ``limit``.
+        """
+        for n in range(self.grid_min(kind), limit + 1):
             if self.step("sp", P, kind, n, mesh=mesh) < self.step("tp", P, kind, n):
                 return n
         return None
+
+    def grid_min(self, kind: str) -> int:
+        return int(min(x for sl in self.slices.values() for x, _ in sl.per_layer[kind]))
+
+    def best_threshold(self, P: int, mesh: tuple[int, int], concurrency: tuple[int, ...], input_len: int, output_len: int) -> int:
+        """The threshold that minimizes shift's TPOT over the concurrency sweep (geometric mean; prefills and
+        decodes both count), among round sizes and the two crossovers."""
+        xs = [self.crossover(P, k, mesh) for k in ("decode", "prefill")]
+        candidates = sorted({0, 16, 32, 64, 128, 192, 256, 384, 512, 768, 1024, 2048, self.max_num_tokens} | {x - 1 for x in xs if x})
+
+        def score(thr: int) -> float:
+            tpots = [self.closed_loop("shift", P, c, input_len, output_len, mesh, thr)["tpot_ms"] for c in concurrency]
+            return round(math.fsum(math.log(t) for t in tpots), 9)
+
+        return min(candidates, key=lambda thr: (score(thr), abs(thr - 256)))  # ties: nearest the default, 256
 
     def fits(self, config: str, P: int, mesh: tuple[int, int] = (1, 1), hbm_bytes: float = H200_BYTES) -> bool:
         """Weights per GPU leave at least a fifth of HBM for the KV cache and activations."""
@@ -452,7 +481,8 @@ def predict(model: CostModel, name: str, world_sizes: list[int], concurrency: tu
         top = max(concurrency)
         best = max(candidates, key=lambda m: model.closed_loop("sp", P, top, input_len, output_len, m)["output_tok_per_s"])
         decode_x, prefill_x = model.crossover(P, "decode", best), model.crossover(P, "prefill", best)
-        thr = threshold if threshold is not None else (decode_x - 1 if decode_x else model.max_num_tokens)
+        best_thr = model.best_threshold(P, best, concurrency, input_len, output_len)
+        thr = best_thr if threshold is None else threshold
         curves = {}
         for config in ("shift", "tp", "sp", "dp"):
             curves[config] = [dict(concurrency=c, **{k: round(v, 4) for k, v in
@@ -465,7 +495,8 @@ def predict(model: CostModel, name: str, world_sizes: list[int], concurrency: tu
                                        decode_crossover=model.crossover(P, "decode", (tp, sp)))
                     for tp, sp in meshes(P, model.shape)}
         out["by_world"][str(P)] = dict(
-            mesh=f"{best[0]}x{best[1]}", threshold=thr, decode_crossover=decode_x, prefill_crossover=prefill_x,
+            mesh=f"{best[0]}x{best[1]}", threshold=thr, best_threshold=best_thr, decode_crossover=decode_x,
+            prefill_crossover=prefill_x, grid_min=dict(decode=model.grid_min("decode"), prefill=model.grid_min("prefill")),
             fits={cfg: model.fits(cfg, P, best) for cfg in ("shift", "tp", "sp", "dp")}, meshes=per_mesh,
             curves=curves, ttft_ms=ttft, ratios=_ratios(curves),
         )
@@ -483,6 +514,13 @@ def _ratios(curves: dict) -> dict:
     return r
 
 
+def _x(w: dict, kind: str) -> str:
+    x = w[f"{kind}_crossover"]
+    if x is None:
+        return "never (up to 4096)"
+    return f"<= {x} (the smallest size measured)" if x <= w["grid_min"][kind] else str(x)
+
+
 def markdown(predictions: list[dict]) -> str:
     """The predictions as Markdown tables for docs/benchmarks.md."""
     lines = []
@@ -490,8 +528,9 @@ def markdown(predictions: list[dict]) -> str:
         for P, w in pred["by_world"].items():
             fits = ", ".join(f"{k} {'fits' if v else 'does NOT fit'}" for k, v in w["fits"].items())
             lines += [f"#### {pred['name']} ({pred['layers']} layers), P = {P} -- predicted", "",
-                      f"SP mesh {w['mesh']} (tp x sp), threshold {w['threshold']} tokens; decode crossover "
-                      f"{w['decode_crossover']}, prefill crossover {w['prefill_crossover']} tokens; weights: {fits}.", "",
+                      f"SP mesh {w['mesh']} (tp x sp); shift's threshold {w['threshold']} tokens (best over the sweep: "
+                      f"{w['best_threshold']}). SP mode is predicted faster than TP mode from {_x(w, 'decode')} tokens "
+                      f"in decode steps and from {_x(w, 'prefill')} in prefill steps. Weights: {fits}.", "",
                       "| concurrency | " + " | ".join(f"{c} TPOT ms | {c} tok/s" for c in ("shift", "tp", "sp", "dp")) + " |",
                       "|---|" + "---|" * 8]
             for i, c in enumerate(pred["concurrency"]):
@@ -502,9 +541,10 @@ def markdown(predictions: list[dict]) -> str:
                 lines.append(f"| {c} | " + " | ".join(cells) + " |")
             r = w["ratios"]
             t = w["ttft_ms"]
-            lines += ["", f"Ratios: TPOT at c=1, TP/shift {r['tpot_c1_tp_over_shift']}, DP/shift {r['tpot_c1_dp_over_shift']}; "
+            dp = "" if w["fits"]["dp"] else " (DP cannot hold the weights: hypothetical)"
+            lines += ["", f"Ratios: TPOT at c=1, TP/shift {r['tpot_c1_tp_over_shift']}, DP/shift {r['tpot_c1_dp_over_shift']}{dp}; "
                           f"throughput at c={pred['concurrency'][-1]}, shift/TP {r['throughput_cmax_shift_over_tp']}, "
-                          f"shift/DP {r['throughput_cmax_shift_over_dp']}, shift/SP {r['throughput_cmax_shift_over_sp']}. "
+                          f"shift/DP {r['throughput_cmax_shift_over_dp']}{dp}, shift/SP {r['throughput_cmax_shift_over_sp']}. "
                           f"TTFT of a {pred['long_prompt']}-token prompt: " + ", ".join(f"{k} {v:,.0f} ms" for k, v in t.items()) + ".", ""]
     return "\n".join(lines)
 
@@ -528,6 +568,8 @@ def plot(predictions: list[dict], out: Path) -> list[Path]:
                 ax.annotate(f"c{p['concurrency']}", (p["output_tok_per_s"], p["tpot_ms"]), fontsize=6, color=f"C{i}")
         ax.set_xscale("log")
         ax.set_yscale("log")
+        ax.xaxis.set_minor_formatter(plt.NullFormatter())
+        ax.yaxis.set_minor_formatter(plt.NullFormatter())
         ax.set_xlabel("output tokens/s (all GPUs)")
         ax.set_ylabel("TPOT (ms)")
         ax.set_title(f"PREDICTED {pred['name']} ({pred['layers']} layers), P={P}, mesh {w['mesh']}, thr {w['threshold']}", fontsize=9)
@@ -590,7 +632,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("measurements", type=Path, nargs="+")
     p.add_argument("--layers", type=_ints, default=None, help="depth to predict per measurement file (default: the preset's)")
     p.add_argument("--world", type=_ints, default=[2, 4, 8])
-    p.add_argument("--threshold", type=int, default=None, help="shift's threshold (default: the predicted decode crossover)")
+    p.add_argument("--threshold", type=int, default=None, help="shift's threshold (default: the best over the sweep)")
+    p.add_argument("--latency-ms", type=float, default=0.034,
+                   help="fixed cost of one collective (default 0.034: the eager 2xH200 all-reduce of 8 KiB)")
     p.add_argument("--input-len", type=int, default=512)
     p.add_argument("--output-len", type=int, default=64)
     p.add_argument("--output", type=Path, required=True, help="predictions JSON")
@@ -607,9 +651,10 @@ def main(argv: list[str] | None = None) -> int:
     for i, path in enumerate(args.measurements):
         meas = json.loads(path.read_text())
         layers = args.layers[i] if args.layers else None
-        model = CostModel(meas, layers)
+        model = CostModel(meas, layers, Comm(latency_ms=args.latency_ms))
         name = meas["preset"] if layers in (None, meas["shape"]["layers"]) else f"{meas['preset']} extended"
-        preds.append(predict(model, name, args.world, input_len=args.input_len, output_len=args.output_len, threshold=args.threshold))
+        pred = predict(model, name, args.world, input_len=args.input_len, output_len=args.output_len, threshold=args.threshold)
+        preds.append(dict(pred, latency_ms=args.latency_ms, measurement=str(path)))
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(preds, indent=1) + "\n")
     text = markdown(preds)
