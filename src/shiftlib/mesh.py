@@ -98,8 +98,9 @@ class ShiftMesh:
     tp_group: str | None
     sp_group: str | None
     all_group: str | None
-    # chunk_of_rank[g] is the head chunk of the rank at position g of ``all_group``; None when g == chunk.
-    chunk_of_rank: tuple[int, ...] | None
+    # Position in ``all_group`` of each chunk's rank, in chunk order; None where position == chunk. A device
+    # tensor made once, so a captured CUDA graph never copies it from the host.
+    chunk_order: torch.Tensor | None
     device: torch.device
     device_mesh: DeviceMesh = field(compare=False, repr=False)
 
@@ -120,11 +121,11 @@ class ShiftMesh:
             )
         tp, sp = mesh.shape
         t, s = mesh.get_coordinate()
-        ranks = mesh.mesh  # ranks[t, s] = global rank
-        order = sorted(ranks.flatten().tolist())  # members of a process group are ordered by global rank
-        chunk_of_rank = tuple(int((ranks == r).nonzero()[0, 0] * sp + (ranks == r).nonzero()[0, 1]) for r in order)
-        if chunk_of_rank == tuple(range(tp * sp)):
-            chunk_of_rank = None
+        # mesh.mesh[t, s] is the global rank of chunk t * sp + s. Members of a process group are ordered by global
+        # rank, so chunk c's rank sits at position (number of mesh ranks below its global rank).
+        ranks = mesh.mesh.flatten()
+        position = ranks.argsort().argsort()
+        chunk_order = None if torch.equal(position, torch.arange(tp * sp)) else position
 
         def name(dim: str | None) -> str | None:
             if dim is None:
@@ -132,7 +133,9 @@ class ShiftMesh:
             return mesh.get_group(dim).group_name if mesh.size(MESH_DIMS.index(dim)) > 1 else None
 
         device = torch.device(mesh.device_type, torch.cuda.current_device()) if mesh.device_type == "cuda" else torch.device("cpu")
-        return cls(tp, sp, t, s, name("tp"), name("sp"), name(None), chunk_of_rank, device, mesh)
+        if chunk_order is not None:
+            chunk_order = chunk_order.to(device)
+        return cls(tp, sp, t, s, name("tp"), name("sp"), name(None), chunk_order, device, mesh)
 
     def param(self, local: torch.Tensor, shard_dim: int | None) -> torch.nn.Parameter:
         """Wrap a rank's local shard as a DTensor parameter: sharded over ``tp`` on ``shard_dim`` (or
@@ -164,8 +167,8 @@ class ShiftMesh:
         if self.all_group is None:
             return x
         parts = _wait(_all_gather(x.contiguous(), 0, self.all_group)).view(self.world, *x.shape)
-        if self.chunk_of_rank is not None:
-            parts = parts[torch.tensor(sorted(range(self.world), key=self.chunk_of_rank.__getitem__), device=x.device)]
+        if self.chunk_order is not None:
+            parts = parts[self.chunk_order]
         return parts.movedim(0, -2).flatten(-2)
 
 
