@@ -96,7 +96,9 @@ class Engine:
         self.cache = PagedKVCache(layers, num_blocks, block_size, kv_heads, head_dim, dtype, mesh.device)
         self.scheduler = Scheduler(BlockAllocator(num_blocks), block_size, max_num_tokens, max_num_seqs)
         self.max_context = config.max_position_embeddings
-        graphs = mesh.device.type == "cuda" if cuda_graphs is None else cuda_graphs
+        # Dynamic-NTK and LongRoPE rescale their frequencies from the positions on the host: not capturable.
+        rope = (getattr(config, "rope_parameters", None) or {}).get("rope_type", "default")
+        graphs = mesh.device.type == "cuda" and rope not in ("dynamic", "longrope") if cuda_graphs is None else cuda_graphs
         self.runner = Runner(model, self.shift, self.cache, self.max_context, graphs, max_graph_batch)
         self.stop_ids = _eos_ids(model)
         self.stats: list[StepStats] = []
