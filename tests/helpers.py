@@ -15,10 +15,15 @@ SHAPES = {1: [(1, 1)], 2: [(1, 2), (2, 1)], 4: [(4, 1), (2, 2), (1, 4)]}
 TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-5}
 
 
-@functools.lru_cache(maxsize=None)
+_references: dict = {}
+
+
 def reference(family: str, dtype: torch.dtype = torch.float64, **overrides):
     """The unparallelized Hugging Face model (same seed on every rank); never modified: copy before use."""
-    return random_model(tiny_config(family, eos_token_id=None, **overrides), dtype)
+    key = (family, dtype, repr(sorted(overrides.items())))
+    if key not in _references:
+        _references[key] = random_model(tiny_config(family, eos_token_id=None, **overrides), dtype)
+    return _references[key]
 
 
 def parallel(family: str, tp: int, sp: int, dtype: torch.dtype = torch.float64, mesh=None, threshold: int = 256, **overrides):

@@ -192,3 +192,30 @@ def _bad_inputs() -> list[str]:
 
 def test_bad_input_gets_a_clear_error(ranks):
     ranks(4).run(_bad_inputs)
+
+
+ROPES = {
+    "linear": {"rope_type": "linear", "factor": 2.0},
+    "dynamic": {"rope_type": "dynamic", "factor": 2.0},
+    "yarn": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 256},
+    "llama3": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 256},
+}
+
+
+def _rope_errors(kind: str) -> float:
+    over = dict(rope_parameters={"rope_theta": 10000.0, **ROPES[kind]})
+    ids = torch.randint(0, 256, (2, 40), generator=torch.Generator().manual_seed(5))
+    want = reference("llama", **over)(input_ids=ids).logits
+    errors = []
+    for tp, sp in SHAPES[2]:
+        model = parallel("llama", tp, sp, **over)
+        for m in ("tp", "sp"):
+            with shiftlib.mode(model, m):
+                errors.append(rel_error(model(input_ids=ids).logits, want))
+    return max(errors)
+
+
+@pytest.mark.parametrize("kind", sorted(ROPES))
+def test_every_rope_variant_matches_hugging_face(ranks, kind):
+    assert max(ranks(2).run(_rope_errors, kind)) <= 1e-9
