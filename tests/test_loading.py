@@ -221,10 +221,10 @@ def _peak_while_loading(path: str, warmup: str, tp: int, sp: int) -> dict[str, i
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux /proc to reset the peak RSS")
-def test_peak_host_memory_per_rank_is_its_shard_plus_one_fused_weight(tmp_path, checkpoints, monkeypatch):
+def test_peak_host_memory_per_rank_is_its_shard_plus_one_weight_in_flight(tmp_path, checkpoints, monkeypatch):
     """A rank reads its slices straight into its own buffers: at tp=2 its peak resident memory grows by its
-    shard (half the model) plus the largest fused weight in flight (blocks and their ``torch.cat``), never by
-    whole tensors. A loader that held the whole model would need 2x the bound."""
+    shard (half the model) plus at most one local weight's worth of slice read in flight, never by whole
+    tensors. A loader that held the whole model would need 2x the bound."""
     wide = tiny_config("llama", hidden_size=1024, intermediate_size=2048, num_hidden_layers=2, num_attention_heads=8,
                        num_key_value_heads=4, head_dim=128, vocab_size=4096)
     random_model(wide).save_pretrained(tmp_path, max_shard_size="40MB")

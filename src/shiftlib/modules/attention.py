@@ -68,13 +68,13 @@ class ShiftAttention(nn.Module):
             local = self._qkv if part == "weight" else self._qkv_bias
             if local is None:
                 continue
-            blocks = []
+            at = 0  # block by block into place: no second full-size buffer while loading
             for c in chunks:
                 q, kv = h.q_heads(c), h.kv_heads(c)
-                blocks.append(rows(get(f"q_proj.{part}"), q.start * d, q.stop * d))
-                blocks.append(rows(get(f"k_proj.{part}"), kv.start * d, kv.stop * d))
-                blocks.append(rows(get(f"v_proj.{part}"), kv.start * d, kv.stop * d))
-            local.copy_(torch.cat(blocks))
+                for name, heads in (("q_proj", q), ("k_proj", kv), ("v_proj", kv)):
+                    block = rows(get(f"{name}.{part}"), heads.start * d, heads.stop * d)
+                    local[at : at + block.shape[0]].copy_(block)
+                    at += block.shape[0]
         first = chunks.start * h.q_per_chunk * d
         self._o_t.copy_(cols(get("o_proj.weight"), first, first + self._o_t.shape[0]).t())
         if self._o_bias is not None:

@@ -48,11 +48,8 @@ class ShiftMLP(nn.Module):
         for part, local in (("weight", self._gate_up), ("bias", self._gate_up_bias)):
             if local is None:
                 continue
-            blocks = []
-            for c in chunks:
-                lo, hi = c * self.part, (c + 1) * self.part
-                blocks += [rows(get(f"gate_proj.{part}"), lo, hi), rows(get(f"up_proj.{part}"), lo, hi)]
-            local.copy_(torch.cat(blocks))
+            for i, (c, name) in enumerate((c, name) for c in chunks for name in ("gate_proj", "up_proj")):
+                local[i * self.part : (i + 1) * self.part].copy_(rows(get(f"{name}.{part}"), c * self.part, (c + 1) * self.part))
         first = chunks.start * self.part
         self._down_t.copy_(cols(get("down_proj.weight"), first, first + self._down_t.shape[0]).t())
         if self._down_bias is not None:
