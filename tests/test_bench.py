@@ -10,15 +10,43 @@ import pytest
 
 from shiftlib.bench import costmodel
 from shiftlib.bench.metrics import RequestRecord, percentile, summarize
-from shiftlib.bench.suite import BenchOptions, Bench
-from shiftlib.bench.workloads import Load, RequestSpec, bursty, concurrency_sweep, long_prompts, poisson
+from shiftlib.bench.suite import Bench, BenchOptions
+from shiftlib.bench.workloads import bursty, concurrency_sweep, long_prompts, poisson
 
 REQUIRED = ("config", "concurrency", "ttft_ms_p50", "tpot_ms_p50", "output_tok_per_s", "machine", "versions", "command")
 PLOTS = ("latency_throughput.png", "ttft_tpot_bars.png", "bursty_modes.png", "long_prompt_ttft.png")
 # Small enough for seconds on CPU ranks; every workload kind once.
-TINY = ["--preset", "tiny", "--concurrency", "1,3", "--input-len", "12", "--output-len", "4", "--waves", "1",
-        "--rates", "400", "--num-requests", "4", "--trace", "bursty", "--trace-seconds", "0.3", "--quiet-rate", "20",
-        "--burst-rate", "200", "--long-prompts", "40", "--long-output-len", "2", "--threshold", "12", "--no-progress"]
+TINY = [
+    "--preset",
+    "tiny",
+    "--concurrency",
+    "1,3",
+    "--input-len",
+    "12",
+    "--output-len",
+    "4",
+    "--waves",
+    "1",
+    "--rates",
+    "400",
+    "--num-requests",
+    "4",
+    "--trace",
+    "bursty",
+    "--trace-seconds",
+    "0.3",
+    "--quiet-rate",
+    "20",
+    "--burst-rate",
+    "200",
+    "--long-prompts",
+    "40",
+    "--long-output-len",
+    "2",
+    "--threshold",
+    "12",
+    "--no-progress",
+]
 
 
 def _bench(argv: list[str]) -> int:
@@ -80,8 +108,25 @@ def test_bench_on_two_ranks_runs_every_configuration_on_both_meshes(ranks, tmp_p
 
 def test_bench_on_four_ranks_runs_the_p4_meshes_shift_and_dp(ranks, tmp_path: Path) -> None:
     out = tmp_path / "bench4.json"
-    argv = ["--preset", "tiny", "--meshes", "4x1,2x2,1x4", "--configs", "shift,sp,dp", "--concurrency", "2",
-            "--input-len", "8", "--output-len", "3", "--waves", "1", "--no-progress", "--output", str(out)]
+    argv = [
+        "--preset",
+        "tiny",
+        "--meshes",
+        "4x1,2x2,1x4",
+        "--configs",
+        "shift,sp,dp",
+        "--concurrency",
+        "2",
+        "--input-len",
+        "8",
+        "--output-len",
+        "3",
+        "--waves",
+        "1",
+        "--no-progress",
+        "--output",
+        str(out),
+    ]
     assert ranks(4).run(_bench, argv) == [0] * 4
     records = json.loads(out.read_text())
     _check_records(records, {"shift", "sp", "dp"}, {"4x1", "2x2", "1x4"})
@@ -101,7 +146,9 @@ def _drive_open_loop(skew_s: float) -> list[tuple[str, int, int]]:
             return super().local() + skew_s * dist.get_rank()
 
     mesh = shiftlib.init_mesh(1, dist.get_world_size(), "cpu")
-    engine = shiftlib.Engine(shiftlib.parallelize(random_model(preset_config("tiny")), mesh, threshold=20), num_blocks=128)
+    engine = shiftlib.Engine(
+        shiftlib.parallelize(random_model(preset_config("tiny")), mesh, threshold=20), num_blocks=128
+    )
     load = poisson([300.0], 10, 16, 3, 256, seed=1)[0]
     _, steps = drive(engine, load, Skewed(dist.group.WORLD))
     return [(s.mode, s.num_tokens, s.num_seqs) for s in steps]
@@ -157,7 +204,9 @@ def test_dp_shares_split_clients_and_requests_exactly_once() -> None:
         assert [q for s in shares for q in s.requests] == load.requests
         assert sum(s.concurrency for s in shares if s.requests) == c
         open_load = poisson([5.0], 7, 3, 2, 50)[0]
-        assert sorted(q.arrival_s for r in range(world) for q in bench._share(open_load, r).requests) == [q.arrival_s for q in open_load.requests]
+        assert sorted(q.arrival_s for r in range(world) for q in bench._share(open_load, r).requests) == [
+            q.arrival_s for q in open_load.requests
+        ]
 
 
 def test_metrics_percentiles_and_throughput() -> None:
@@ -175,17 +224,31 @@ def test_metrics_percentiles_and_throughput() -> None:
 
 def _synthetic_measurement() -> dict:
     """Slice times of a memory-bound decode (weights / p, a fixed floor) and a compute-bound prefill (tokens / p)."""
-    shape = dict(hidden=4096, heads=32, kv_heads=8, head_dim=128, intermediate=14336, vocab=128256, layers=32,
-                 tie_word_embeddings=False)
+    shape = dict(
+        hidden=4096,
+        heads=32,
+        kv_heads=8,
+        head_dim=128,
+        intermediate=14336,
+        vocab=128256,
+        layers=32,
+        tie_word_embeddings=False,
+    )
     runs = []
     for layers in (16, 32):
         for p in (1, 2, 4, 8):
             per_layer_decode = {str(n): 0.02 + 0.10 / p + 0.0004 * n / p for n in (1, 16, 64, 256)}
             per_layer_prefill = {str(n): 0.02 + 0.10 / p + 0.0008 * n / p for n in (128, 1024, 4096)}
-            runs.append(dict(layers=layers, p=p, weights_bytes=0,
-                             decode_ms={k: 1.0 + layers * v for k, v in per_layer_decode.items()},
-                             prefill_ms={k: 1.0 + layers * v for k, v in per_layer_prefill.items()},
-                             ttft_ms={"8192": 1.0 + layers * (0.02 + 8192 * 0.0009 / p)}))
+            runs.append(
+                dict(
+                    layers=layers,
+                    p=p,
+                    weights_bytes=0,
+                    decode_ms={k: 1.0 + layers * v for k, v in per_layer_decode.items()},
+                    prefill_ms={k: 1.0 + layers * v for k, v in per_layer_prefill.items()},
+                    ttft_ms={"8192": 1.0 + layers * (0.02 + 8192 * 0.0009 / p)},
+                )
+            )
     return dict(kind="shiftlib-costmodel-measurement", preset="synthetic", shape=shape, max_num_tokens=4096, runs=runs)
 
 
@@ -194,7 +257,7 @@ def test_cost_model_splits_layers_and_predicts_a_switch_point(tmp_path: Path) ->
     assert math.isclose(model.compute(2, "decode", 16), 1.0 + 32 * (0.02 + 0.05 + 0.0004 * 8), rel_tol=1e-9)
     deeper = costmodel.CostModel(_synthetic_measurement(), layers=80)
     assert deeper.compute(1, "decode", 1) > 2 * model.compute(1, "decode", 1)
-    # TP mode wins small steps (fewer weight bytes per rank, no all-to-all); SP mode large ones (fewer collectives' bytes).
+    # TP mode wins small steps (fewer weight bytes per rank, no all-to-all); SP mode large ones (less to reduce).
     assert model.step("tp", 8, "decode", 1) < model.step("sp", 8, "decode", 1, mesh=(1, 8))
     x = model.crossover(8, "decode", (1, 8))
     assert x is not None and 1 < x < 4096
@@ -222,16 +285,45 @@ def test_slice_config_divides_heads_mlp_and_vocab_or_says_why() -> None:
     from shiftlib.presets import preset_config
 
     c = costmodel.slice_config(preset_config("llama-8b"), 8, layers=2)
-    assert (c.num_attention_heads, c.num_key_value_heads, c.intermediate_size, c.vocab_size, c.head_dim, c.num_hidden_layers) == (
-        4, 1, 1792, 16032, 128, 2)
+    assert (
+        c.num_attention_heads,
+        c.num_key_value_heads,
+        c.intermediate_size,
+        c.vocab_size,
+        c.head_dim,
+        c.num_hidden_layers,
+    ) == (4, 1, 1792, 16032, 128, 2)
     with pytest.raises(ValueError, match="cannot slice"):
         costmodel.slice_config(preset_config("tiny"), 3)
 
 
 def test_cost_model_measures_the_slices_on_cpu(tmp_path: Path) -> None:
     out = tmp_path / "m.json"
-    costmodel.main(["measure", "--preset", "tiny", "--parts", "1,2", "--layers", "1,2", "--batches", "1,2", "--prefill",
-                    "8,16", "--context", "8", "--long-prompts", "24", "--decode-steps", "2", "--device", "cpu", "--output", str(out)])
+    costmodel.main(
+        [
+            "measure",
+            "--preset",
+            "tiny",
+            "--parts",
+            "1,2",
+            "--layers",
+            "1,2",
+            "--batches",
+            "1,2",
+            "--prefill",
+            "8,16",
+            "--context",
+            "8",
+            "--long-prompts",
+            "24",
+            "--decode-steps",
+            "2",
+            "--device",
+            "cpu",
+            "--output",
+            str(out),
+        ]
+    )
     m = json.loads(out.read_text())
     assert {(r["layers"], r["p"]) for r in m["runs"]} == {(1, 1), (1, 2), (2, 1), (2, 2)}
     assert all(set(r["decode_ms"]) == {"1", "2"} and set(r["prefill_ms"]) == {"8", "16"} for r in m["runs"])

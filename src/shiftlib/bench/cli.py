@@ -48,30 +48,78 @@ def _configs(text: str) -> list[str]:
 def configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     d = BenchOptions()
     a = parser.add_argument
-    a("--preset", default=d.preset, help="model shape with random weights: tiny, llama-8b, llama-70b-8l (default: %(default)s)")
+    a(
+        "--preset",
+        default=d.preset,
+        help="model shape with random weights: tiny, llama-8b, llama-70b-8l (default: %(default)s)",
+    )
     a("--tp", type=int, default=d.tp, help="mesh tp size (weights sharded tp ways in SP mode)")
     a("--sp", type=int, default=d.sp, help="mesh sp size (tokens split sp ways in SP mode); tp*sp = number of ranks")
-    a("--meshes", type=_meshes, default=None, help="several mesh shapes in one run, e.g. 4x1,2x2,1x4 (overrides --tp/--sp)")
+    a(
+        "--meshes",
+        type=_meshes,
+        default=None,
+        help="several mesh shapes in one run, e.g. 4x1,2x2,1x4 (overrides --tp/--sp)",
+    )
     a("--configs", type=_configs, default=d.configs, help=f"comma-separated among {','.join(CONFIGS)} (default: all)")
-    a("--concurrency", type=_ints, default=d.concurrency, help="closed-loop levels: requests in flight (default: 1,4,16)")
+    a(
+        "--concurrency",
+        type=_ints,
+        default=d.concurrency,
+        help="closed-loop levels: requests in flight (default: 1,4,16)",
+    )
     a("--input-len", type=int, default=d.input_len, help="prompt tokens per request (default: %(default)s)")
     a("--output-len", type=int, default=d.output_len, help="new tokens per request (default: %(default)s)")
-    a("--waves", type=int, default=d.waves, help="requests per closed-loop level = waves x concurrency (default: %(default)s)")
+    a(
+        "--waves",
+        type=int,
+        default=d.waves,
+        help="requests per closed-loop level = waves x concurrency (default: %(default)s)",
+    )
     a("--rates", type=_floats, default=d.rates, help="Poisson arrival rates in requests/s, e.g. 1,4,16")
     a("--num-requests", type=int, default=d.num_requests, help="requests per Poisson rate (default: %(default)s)")
     a("--trace", choices=TRACES, default=None, help="a seeded arrival trace: bursty (quiet stretches and bursts)")
     a("--trace-seconds", type=float, default=d.trace_seconds, help="length of the trace (default: %(default)s)")
     a("--quiet-rate", type=float, default=d.quiet_rate, help="trace arrivals/s between bursts (default: %(default)s)")
     a("--burst-rate", type=float, default=d.burst_rate, help="trace arrivals/s in a burst (default: %(default)s)")
-    a("--trace-bursts", type=int, default=d.trace_bursts, help="bursts in the trace, one per equal period (default: %(default)s)")
-    a("--long-prompts", type=_ints, default=d.long_prompts, help="prompt lengths for time to first token, e.g. 2048,8192,32768")
-    a("--long-output-len", type=int, default=d.long_output_len, help="new tokens per long-prompt request (default: %(default)s)")
-    a("--threshold", type=int, default=d.threshold, help="shift: steps of at most this many tokens run in TP mode (default: %(default)s)")
+    a(
+        "--trace-bursts",
+        type=int,
+        default=d.trace_bursts,
+        help="bursts in the trace, one per equal period (default: %(default)s)",
+    )
+    a(
+        "--long-prompts",
+        type=_ints,
+        default=d.long_prompts,
+        help="prompt lengths for time to first token, e.g. 2048,8192,32768",
+    )
+    a(
+        "--long-output-len",
+        type=int,
+        default=d.long_output_len,
+        help="new tokens per long-prompt request (default: %(default)s)",
+    )
+    a(
+        "--threshold",
+        type=int,
+        default=d.threshold,
+        help="shift: steps of at most this many tokens run in TP mode (default: %(default)s)",
+    )
     a("--max-num-tokens", type=int, default=d.max_num_tokens, help="token budget per step (default: %(default)s)")
-    a("--max-num-seqs", type=int, default=None, help="requests running at once (default: max(256, largest concurrency))")
+    a(
+        "--max-num-seqs",
+        type=int,
+        default=None,
+        help="requests running at once (default: max(256, largest concurrency))",
+    )
     a("--block-size", type=int, default=d.block_size, help="KV-cache block size in tokens (default: %(default)s)")
-    a("--hf-max-concurrency", type=int, default=d.hf_max_concurrency,
-      help="run the Hugging Face peer only up to this concurrency: it is slow (default: %(default)s)")
+    a(
+        "--hf-max-concurrency",
+        type=int,
+        default=d.hf_max_concurrency,
+        help="run the Hugging Face peer only up to this concurrency: it is slow (default: %(default)s)",
+    )
     a("--dtype", default=None, help="model dtype (default: bfloat16 on GPU, float32 on CPU)")
     a("--device", choices=("cuda", "cpu"), default=None, help="default: cuda when available")
     a("--seed", type=int, default=d.seed)
@@ -85,8 +133,14 @@ def configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     """Add ``bench`` to a ``shiftlib`` command's subparsers; ``args.func(args)`` runs it."""
-    return configure(subparsers.add_parser("bench", help="benchmark shift vs TP vs SP vs DP vs Hugging Face",
-                                           description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter))
+    return configure(
+        subparsers.add_parser(
+            "bench",
+            help="benchmark shift vs TP vs SP vs DP vs Hugging Face",
+            description=__doc__,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+    )
 
 
 def command_line() -> str:
@@ -106,13 +160,35 @@ def command_line() -> str:
 
 def options(args: argparse.Namespace) -> BenchOptions:
     return BenchOptions(
-        preset=args.preset, tp=args.tp, sp=args.sp, meshes=args.meshes, configs=args.configs, concurrency=args.concurrency,
-        input_len=args.input_len, output_len=args.output_len, waves=args.waves, rates=args.rates, num_requests=args.num_requests,
-        trace=args.trace, trace_seconds=args.trace_seconds, quiet_rate=args.quiet_rate, burst_rate=args.burst_rate, trace_bursts=args.trace_bursts,
-        long_prompts=args.long_prompts, long_output_len=args.long_output_len, threshold=args.threshold,
-        max_num_tokens=args.max_num_tokens, max_num_seqs=args.max_num_seqs, block_size=args.block_size,
-        hf_max_concurrency=args.hf_max_concurrency, dtype=args.dtype, device=args.device, seed=args.seed,
-        warmup=not args.no_warmup, progress=not args.no_progress, command=command_line(),
+        preset=args.preset,
+        tp=args.tp,
+        sp=args.sp,
+        meshes=args.meshes,
+        configs=args.configs,
+        concurrency=args.concurrency,
+        input_len=args.input_len,
+        output_len=args.output_len,
+        waves=args.waves,
+        rates=args.rates,
+        num_requests=args.num_requests,
+        trace=args.trace,
+        trace_seconds=args.trace_seconds,
+        quiet_rate=args.quiet_rate,
+        burst_rate=args.burst_rate,
+        trace_bursts=args.trace_bursts,
+        long_prompts=args.long_prompts,
+        long_output_len=args.long_output_len,
+        threshold=args.threshold,
+        max_num_tokens=args.max_num_tokens,
+        max_num_seqs=args.max_num_seqs,
+        block_size=args.block_size,
+        hf_max_concurrency=args.hf_max_concurrency,
+        dtype=args.dtype,
+        device=args.device,
+        seed=args.seed,
+        warmup=not args.no_warmup,
+        progress=not args.no_progress,
+        command=command_line(),
     )
 
 

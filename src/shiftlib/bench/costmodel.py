@@ -25,6 +25,7 @@ Run ``python -m shiftlib.bench.costmodel measure ...`` on one GPU, ``... predict
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import statistics
@@ -46,8 +47,10 @@ def slice_config(config, p: int, layers: int | None = None):
     c = config.__class__(**config.to_dict())
     H, K, V, I = config.num_attention_heads, config.num_key_value_heads, config.vocab_size, config.intermediate_size
     if H % p or V % p or I % p or (K >= p and K % p) or (K < p and p % K):
-        raise ValueError(f"cannot slice heads={H}, kv_heads={K}, intermediate={I}, vocab={V} {p} ways: each must divide "
-                         f"by p (or p by the KV heads); choose p among the common divisors")
+        raise ValueError(
+            f"cannot slice heads={H}, kv_heads={K}, intermediate={I}, vocab={V} {p} ways: each must divide "
+            f"by p (or p by the KV heads); choose p among the common divisors"
+        )
     c.head_dim = getattr(config, "head_dim", None) or config.hidden_size // H
     c.num_attention_heads, c.num_key_value_heads = H // p, max(K // p, 1)
     c.intermediate_size, c.vocab_size = I // p, V // p
@@ -58,12 +61,21 @@ def slice_config(config, p: int, layers: int | None = None):
 
 def weight_bytes(config, bytes_per_param: int = BYTES_BF16) -> dict[str, int]:
     """Parameter bytes of the whole model: per decoder layer and for embedding + head."""
-    D, H, K, I, V = config.hidden_size, config.num_attention_heads, config.num_key_value_heads, config.intermediate_size, config.vocab_size
+    D, H, K, I, V = (
+        config.hidden_size,
+        config.num_attention_heads,
+        config.num_key_value_heads,
+        config.intermediate_size,
+        config.vocab_size,
+    )
     d = getattr(config, "head_dim", None) or D // H
     layer = D * (H + 2 * K) * d + H * d * D + 3 * D * I + 2 * D
     ends = V * D * (1 if config.tie_word_embeddings else 2) + D
-    return dict(layer=layer * bytes_per_param, ends=ends * bytes_per_param,
-                total=(layer * config.num_hidden_layers + ends) * bytes_per_param)
+    return dict(
+        layer=layer * bytes_per_param,
+        ends=ends * bytes_per_param,
+        total=(layer * config.num_hidden_layers + ends) * bytes_per_param,
+    )
 
 
 # -- measuring on one GPU ---------------------------------------------------------------------------------------
@@ -71,7 +83,9 @@ def weight_bytes(config, bytes_per_param: int = BYTES_BF16) -> dict[str, int]:
 
 def _median_tail(xs: list[float], skip: int) -> float:
     if not xs:
-        raise RuntimeError("no step of the expected shape ran: the engine scheduled differently than the measurement assumes")
+        raise RuntimeError(
+            "no step of the expected shape ran: the engine scheduled differently than the measurement assumes"
+        )
     return statistics.median(xs[skip:] if len(xs) > skip else xs)
 
 
@@ -106,7 +120,10 @@ def _prefill_ms(engine, tokens: int, context: int, vocab: int, rng, repeats: int
     lengths = [context] * (tokens // context) + ([tokens % context] if tokens % context else [])
     times = []
     for _ in range(repeats):
-        ids = [engine.add_request(_prompt(rng, n, vocab), SamplingParams(max_new_tokens=1, ignore_eos=True)) for n in lengths]
+        ids = [
+            engine.add_request(_prompt(rng, n, vocab), SamplingParams(max_new_tokens=1, ignore_eos=True))
+            for n in lengths
+        ]
         first = len(engine.stats)
         while engine.has_unfinished:
             engine.step()
@@ -130,9 +147,21 @@ def _ttft_ms(engine, length: int, vocab: int, rng, repeats: int = 2) -> float:
     return 1000 * min(out)
 
 
-def measure(preset: str, parts: list[int], layers: list[int] | None, batches: list[int], prefill_tokens: list[int],
-            context: int, long_prompts: list[int], decode_steps: int = 8, max_num_tokens: int = 4096,
-            device: str | None = None, dtype: torch.dtype | None = None, seed: int = 0, progress: bool = True) -> dict:
+def measure(
+    preset: str,
+    parts: list[int],
+    layers: list[int] | None,
+    batches: list[int],
+    prefill_tokens: list[int],
+    context: int,
+    long_prompts: list[int],
+    decode_steps: int = 8,
+    max_num_tokens: int = 4096,
+    device: str | None = None,
+    dtype: torch.dtype | None = None,
+    seed: int = 0,
+    progress: bool = True,
+) -> dict:
     """Step times of the slice model of each p in ``parts`` on this one device (a 1 x 1 mesh), in ms.
 
     ``layers``: the depths to measure at (two or more give the per-layer and fixed parts); default the preset's.
@@ -159,35 +188,59 @@ def measure(preset: str, parts: list[int], layers: list[int] | None, batches: li
             # of n tokens fit in it too. TTFT uses the benchmark's budget, with its chunked prefill.
             budget = max(max_num_tokens, max(batches) * context)
             blocks = math.ceil(1.2 * max(batches) * (context + decode_steps + 8) / 16) + max(batches) + 8
-            engine = shiftlib.Engine(model, num_blocks=blocks, block_size=16, max_num_tokens=budget,
-                                     max_num_seqs=max(batches), mode="tp")
+            engine = shiftlib.Engine(
+                model, num_blocks=blocks, block_size=16, max_num_tokens=budget, max_num_seqs=max(batches), mode="tp"
+            )
             rng = torch.Generator().manual_seed(seed)
             run = dict(layers=L, p=p, weights_bytes=weight_bytes(cfg)["total"], decode_ms={}, prefill_ms={}, ttft_ms={})
             _decode_ms(engine, 1, context, 2, cfg.vocab_size, rng, budget)  # compile, autotune, first allocations
             for b in batches:
-                run["decode_ms"][str(b)] = round(_decode_ms(engine, b, context, decode_steps, cfg.vocab_size, rng, budget), 4)
+                run["decode_ms"][str(b)] = round(
+                    _decode_ms(engine, b, context, decode_steps, cfg.vocab_size, rng, budget), 4
+                )
             for n in prefill_tokens:
                 run["prefill_ms"][str(n)] = round(_prefill_ms(engine, n, context, cfg.vocab_size, rng), 4)
             del engine
             if long_prompts:
-                engine = shiftlib.Engine(model, num_blocks=math.ceil(1.2 * max(long_prompts) / 16) + 8, block_size=16,
-                                         max_num_tokens=max_num_tokens, max_num_seqs=4, mode="tp")
+                engine = shiftlib.Engine(
+                    model,
+                    num_blocks=math.ceil(1.2 * max(long_prompts) / 16) + 8,
+                    block_size=16,
+                    max_num_tokens=max_num_tokens,
+                    max_num_seqs=4,
+                    mode="tp",
+                )
                 for n in long_prompts:
                     run["ttft_ms"][str(n)] = round(_ttft_ms(engine, n, cfg.vocab_size, rng), 4)
                 del engine
             runs.append(run)
             del model
-            torch._dynamo.reset()  # the next slice has other shapes: drop compiled kernels rather than pile up recompiles
+            torch._dynamo.reset()  # the next slice has other shapes: fresh compiles, not a pile of recompiles
             if device == "cuda":
                 torch.cuda.empty_cache()
     c = config
-    return dict(kind="shiftlib-costmodel-measurement", preset=preset, dtype=str(dtype).removeprefix("torch."),
-                shape=dict(hidden=c.hidden_size, heads=c.num_attention_heads, kv_heads=c.num_key_value_heads,
-                           head_dim=getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads,
-                           intermediate=c.intermediate_size, vocab=c.vocab_size, layers=c.num_hidden_layers,
-                           tie_word_embeddings=bool(c.tie_word_embeddings)),
-                context=context, decode_steps=decode_steps, max_num_tokens=max_num_tokens, runs=runs,
-                machine=machine(), versions=versions(), command=" ".join(sys.argv))
+    return dict(
+        kind="shiftlib-costmodel-measurement",
+        preset=preset,
+        dtype=str(dtype).removeprefix("torch."),
+        shape=dict(
+            hidden=c.hidden_size,
+            heads=c.num_attention_heads,
+            kv_heads=c.num_key_value_heads,
+            head_dim=getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads,
+            intermediate=c.intermediate_size,
+            vocab=c.vocab_size,
+            layers=c.num_hidden_layers,
+            tie_word_embeddings=bool(c.tie_word_embeddings),
+        ),
+        context=context,
+        decode_steps=decode_steps,
+        max_num_tokens=max_num_tokens,
+        runs=runs,
+        machine=machine(),
+        versions=versions(),
+        command=" ".join(sys.argv),
+    )
 
 
 # -- communication ----------------------------------------------------------------------------------------------
@@ -202,7 +255,7 @@ def _interp(points: tuple[tuple[float, float], ...], x: float) -> float:
         return points[0][1]
     if len(points) == 1:
         return points[0][1] * x / points[0][0]
-    for (x0, y0), (x1, y1) in zip(points, points[1:]):
+    for (x0, y0), (x1, y1) in itertools.pairwise(points):
         if x <= x1:
             return y0 + (y1 - y0) * (x - x0) / (x1 - x0)
     (x0, y0), (x1, y1) = points[-2], points[-1]
@@ -304,9 +357,13 @@ class CostModel:
         depths = {r["layers"] for r in m["runs"]}
         self.layers = self.layers or self.shape["layers"]
         if self.layers not in depths and len(depths) < 2:
-            raise ValueError(f"predicting {self.layers} layers needs measurements at two depths, got only {sorted(depths)}: "
-                             f"measure with --layers A,B")
-        self.slices = {p: _split_layers([r for r in m["runs"] if r["p"] == p]) for p in sorted({r["p"] for r in m["runs"]})}
+            raise ValueError(
+                f"predicting {self.layers} layers needs measurements at two depths, got only {sorted(depths)}: "
+                f"measure with --layers A,B"
+            )
+        self.slices = {
+            p: _split_layers([r for r in m["runs"] if r["p"] == p]) for p in sorted({r["p"] for r in m["runs"]})
+        }
         self.max_num_tokens = m["max_num_tokens"]
 
     @property
@@ -326,7 +383,8 @@ class CostModel:
         """TP mode: an all-reduce of the hidden states after the embedding, attention and MLP; logits gathered."""
         L = self.layers
         return (2 * L + 1) * self.comm.all_reduce(n * self._token_bytes(), P) + self.comm.all_gather(
-            sampled * self.shape["vocab"] * BYTES_BF16, P)
+            sampled * self.shape["vocab"] * BYTES_BF16, P
+        )
 
     def comm_sp(self, tp: int, sp: int, n: float, sampled: float) -> float:
         """SP mode: two all-to-alls over sp per layer (q/k/v in, attention out), all-reduces over tp of the rank's
@@ -338,10 +396,22 @@ class CostModel:
         out = n_pad * hq * s["head_dim"] * BYTES_BF16
         a2a = L * (self.comm.all_to_all(qkv, sp) + self.comm.all_to_all(out, sp))
         ar = (2 * L + 1) * self.comm.all_reduce(n_pad / sp * self._token_bytes(), tp)
-        return a2a + ar + self.comm.all_reduce(sampled * self._token_bytes(), sp) + self.comm.all_gather(
-            sampled * s["vocab"] * BYTES_BF16, P)
+        return (
+            a2a
+            + ar
+            + self.comm.all_reduce(sampled * self._token_bytes(), sp)
+            + self.comm.all_gather(sampled * s["vocab"] * BYTES_BF16, P)
+        )
 
-    def step(self, config: str, P: int, kind: str, n: float, sampled: float | None = None, mesh: tuple[int, int] | None = None) -> float:
+    def step(
+        self,
+        config: str,
+        P: int,
+        kind: str,
+        n: float,
+        sampled: float | None = None,
+        mesh: tuple[int, int] | None = None,
+    ) -> float:
         """Predicted time of one step of ``n`` tokens (``kind`` "decode": n requests; "prefill": n prompt tokens).
 
         ``config``: "tp", "sp" (on ``mesh``), "dp" (P replicas, n split evenly) or "tp@1" (one GPU).
@@ -358,7 +428,9 @@ class CostModel:
             return self.compute(1, kind, max(n / P, 1.0))
         raise ValueError(f"unknown configuration {config!r}: tp, sp or dp")
 
-    def shift_step(self, P: int, kind: str, n: float, mesh: tuple[int, int], threshold: int, sampled: float | None = None) -> float:
+    def shift_step(
+        self, P: int, kind: str, n: float, mesh: tuple[int, int], threshold: int, sampled: float | None = None
+    ) -> float:
         return self.step("tp" if n <= threshold else "sp", P, kind, n, sampled, mesh)
 
     def ttft(self, config: str, P: int, length: int, mesh: tuple[int, int] | None = None) -> float:
@@ -366,17 +438,32 @@ class CostModel:
         chunks = math.ceil(length / self.max_num_tokens)
         n = min(length, self.max_num_tokens)
         if config == "tp":
-            return self.compute(P, "ttft", length) + chunks * self.comm_tp(P, n, 0) + self.comm.all_gather(self.shape["vocab"] * BYTES_BF16, P)
+            return (
+                self.compute(P, "ttft", length)
+                + chunks * self.comm_tp(P, n, 0)
+                + self.comm.all_gather(self.shape["vocab"] * BYTES_BF16, P)
+            )
         if config == "sp":
             tp, sp = mesh or (1, P)
-            return self.compute(tp, "ttft", length) / sp + chunks * self.comm_sp(tp, sp, n, 0) + self.comm.all_gather(
-                self.shape["vocab"] * BYTES_BF16, P)
+            return (
+                self.compute(tp, "ttft", length) / sp
+                + chunks * self.comm_sp(tp, sp, n, 0)
+                + self.comm.all_gather(self.shape["vocab"] * BYTES_BF16, P)
+            )
         if config == "dp":
             return self.compute(1, "ttft", length)
         raise ValueError(f"unknown configuration {config!r}: tp, sp or dp")
 
-    def closed_loop(self, config: str, P: int, concurrency: int, input_len: int, output_len: int,
-                    mesh: tuple[int, int] = (1, 1), threshold: int = 256) -> dict:
+    def closed_loop(
+        self,
+        config: str,
+        P: int,
+        concurrency: int,
+        input_len: int,
+        output_len: int,
+        mesh: tuple[int, int] = (1, 1),
+        threshold: int = 256,
+    ) -> dict:
         """Steady state of ``concurrency`` clients: while a request decodes (``output_len - 1`` steps of the whole
         batch) the engine also prefills the prompts of the ``concurrency - 1`` others, in steps of
         ``max_num_tokens`` tokens. Each step is priced as a pure decode or a pure prefill step of its size.
@@ -403,9 +490,13 @@ class CostModel:
         decode = step("decode", c_ceil, c_ceil)
         cycle = prefill + (output_len - 1) * decode
         others = prefill * (c_ceil - 1) / c_ceil
-        return dict(tpot_ms=((output_len - 1) * decode + others) / max(output_len - 1, 1),
-                    ttft_ms=(prefill + step("prefill", chunks[0], chunks[0] / input_len)) / 2,
-                    decode_step_ms=decode, prefill_ms=prefill, output_tok_per_s=1000 * concurrency * output_len / cycle)
+        return dict(
+            tpot_ms=((output_len - 1) * decode + others) / max(output_len - 1, 1),
+            ttft_ms=(prefill + step("prefill", chunks[0], chunks[0] / input_len)) / 2,
+            decode_step_ms=decode,
+            prefill_ms=prefill,
+            output_tok_per_s=1000 * concurrency * output_len / cycle,
+        )
 
     def crossover(self, P: int, kind: str, mesh: tuple[int, int], limit: int = 4096) -> int | None:
         """The smallest step size (tokens) from which SP mode on ``mesh`` is predicted faster than TP mode.
@@ -421,11 +512,15 @@ class CostModel:
     def grid_min(self, kind: str) -> int:
         return int(min(x for sl in self.slices.values() for x, _ in sl.per_layer[kind]))
 
-    def best_threshold(self, P: int, mesh: tuple[int, int], concurrency: tuple[int, ...], input_len: int, output_len: int) -> int:
+    def best_threshold(
+        self, P: int, mesh: tuple[int, int], concurrency: tuple[int, ...], input_len: int, output_len: int
+    ) -> int:
         """The threshold that minimizes shift's TPOT over the concurrency sweep (geometric mean; prefills and
         decodes both count), among round sizes and the two crossovers."""
         xs = [self.crossover(P, k, mesh) for k in ("decode", "prefill")]
-        candidates = sorted({0, 16, 32, 64, 128, 192, 256, 384, 512, 768, 1024, 2048, self.max_num_tokens} | {x - 1 for x in xs if x})
+        candidates = sorted(
+            {0, 16, 32, 64, 128, 192, 256, 384, 512, 768, 1024, 2048, self.max_num_tokens} | {x - 1 for x in xs if x}
+        )
 
         def score(thr: int) -> float:
             tpots = [self.closed_loop("shift", P, c, input_len, output_len, mesh, thr)["tpot_ms"] for c in concurrency]
@@ -464,41 +559,80 @@ def meshes(P: int, shape: dict) -> list[tuple[int, int]]:
 CONCURRENCY = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 
 
-def predict(model: CostModel, name: str, world_sizes: list[int], concurrency: tuple[int, ...] = CONCURRENCY,
-            input_len: int = 512, output_len: int = 64, threshold: int | None = None, long_prompt: int = 8192) -> dict:
+def predict(
+    model: CostModel,
+    name: str,
+    world_sizes: list[int],
+    concurrency: tuple[int, ...] = CONCURRENCY,
+    input_len: int = 512,
+    output_len: int = 64,
+    threshold: int | None = None,
+    long_prompt: int = 8192,
+) -> dict:
     """Curves and switch points of every configuration at each P, on the best SP mesh for that P.
 
     The best mesh is the feasible (weights fit) one with the highest predicted SP-mode throughput at the largest
     concurrency; shift uses it with ``threshold`` (default: the predicted decode crossover on it).
     """
-    out = dict(name=name, layers=model.layers, input_len=input_len, output_len=output_len, concurrency=list(concurrency),
-               long_prompt=long_prompt, by_world={})
+    out = dict(
+        name=name,
+        layers=model.layers,
+        input_len=input_len,
+        output_len=output_len,
+        concurrency=list(concurrency),
+        long_prompt=long_prompt,
+        by_world={},
+    )
     for P in world_sizes:
         if P not in model.parts or any(tp not in model.parts for tp, _ in meshes(P, model.shape)):
-            raise ValueError(f"predicting P={P} needs the slices of {sorted({P} | {tp for tp, _ in meshes(P, model.shape)})}, "
-                             f"measured {model.parts}")
+            raise ValueError(
+                f"predicting P={P} needs the slices of {sorted({P} | {tp for tp, _ in meshes(P, model.shape)})}, "
+                f"measured {model.parts}"
+            )
         candidates = [m for m in meshes(P, model.shape) if m[1] > 1 and model.fits("sp", P, m)] or [(P, 1)]
         top = max(concurrency)
-        best = max(candidates, key=lambda m: model.closed_loop("sp", P, top, input_len, output_len, m)["output_tok_per_s"])
+        best = max(
+            candidates, key=lambda m: model.closed_loop("sp", P, top, input_len, output_len, m)["output_tok_per_s"]
+        )
         decode_x, prefill_x = model.crossover(P, "decode", best), model.crossover(P, "prefill", best)
         best_thr = model.best_threshold(P, best, concurrency, input_len, output_len)
         thr = best_thr if threshold is None else threshold
         curves = {}
         for config in ("shift", "tp", "sp", "dp"):
-            curves[config] = [dict(concurrency=c, **{k: round(v, 4) for k, v in
-                                                      model.closed_loop(config, P, c, input_len, output_len, best, thr).items()})
-                              for c in concurrency]
+            curves[config] = [
+                dict(
+                    concurrency=c,
+                    **{
+                        k: round(v, 4)
+                        for k, v in model.closed_loop(config, P, c, input_len, output_len, best, thr).items()
+                    },
+                )
+                for c in concurrency
+            ]
         ttft = {cfg: round(model.ttft(cfg, P, long_prompt, best), 3) for cfg in ("tp", "sp", "dp")}
         ttft["shift"] = ttft["sp"] if long_prompt > thr else ttft["tp"]
-        per_mesh = {f"{tp}x{sp}": dict(fits=model.fits("sp", P, (tp, sp)),
-                                       sp_tok_per_s_at_max=round(model.closed_loop("sp", P, top, input_len, output_len, (tp, sp))["output_tok_per_s"], 1),
-                                       decode_crossover=model.crossover(P, "decode", (tp, sp)))
-                    for tp, sp in meshes(P, model.shape)}
+        per_mesh = {
+            f"{tp}x{sp}": dict(
+                fits=model.fits("sp", P, (tp, sp)),
+                sp_tok_per_s_at_max=round(
+                    model.closed_loop("sp", P, top, input_len, output_len, (tp, sp))["output_tok_per_s"], 1
+                ),
+                decode_crossover=model.crossover(P, "decode", (tp, sp)),
+            )
+            for tp, sp in meshes(P, model.shape)
+        }
         out["by_world"][str(P)] = dict(
-            mesh=f"{best[0]}x{best[1]}", threshold=thr, best_threshold=best_thr, decode_crossover=decode_x,
-            prefill_crossover=prefill_x, grid_min=dict(decode=model.grid_min("decode"), prefill=model.grid_min("prefill")),
-            fits={cfg: model.fits(cfg, P, best) for cfg in ("shift", "tp", "sp", "dp")}, meshes=per_mesh,
-            curves=curves, ttft_ms=ttft, ratios=_ratios(curves),
+            mesh=f"{best[0]}x{best[1]}",
+            threshold=thr,
+            best_threshold=best_thr,
+            decode_crossover=decode_x,
+            prefill_crossover=prefill_x,
+            grid_min=dict(decode=model.grid_min("decode"), prefill=model.grid_min("prefill")),
+            fits={cfg: model.fits(cfg, P, best) for cfg in ("shift", "tp", "sp", "dp")},
+            meshes=per_mesh,
+            curves=curves,
+            ttft_ms=ttft,
+            ratios=_ratios(curves),
         )
     return out
 
@@ -510,7 +644,9 @@ def _ratios(curves: dict) -> dict:
     r = {}
     for other in ("tp", "dp", "sp"):
         r[f"tpot_c1_{other}_over_shift"] = round(curves[other][low]["tpot_ms"] / curves["shift"][low]["tpot_ms"], 3)
-        r[f"throughput_cmax_shift_over_{other}"] = round(curves["shift"][high]["output_tok_per_s"] / curves[other][high]["output_tok_per_s"], 3)
+        r[f"throughput_cmax_shift_over_{other}"] = round(
+            curves["shift"][high]["output_tok_per_s"] / curves[other][high]["output_tok_per_s"], 3
+        )
     return r
 
 
@@ -527,12 +663,18 @@ def markdown(predictions: list[dict]) -> str:
     for pred in predictions:
         for P, w in pred["by_world"].items():
             fits = ", ".join(f"{k} {'fits' if v else 'does NOT fit'}" for k, v in w["fits"].items())
-            lines += [f"#### {pred['name']} ({pred['layers']} layers), P = {P} -- predicted", "",
-                      f"SP mesh {w['mesh']} (tp x sp); shift's threshold {w['threshold']} tokens (best over the sweep: "
-                      f"{w['best_threshold']}). SP mode is predicted faster than TP mode from {_x(w, 'decode')} tokens "
-                      f"in decode steps and from {_x(w, 'prefill')} in prefill steps. Weights: {fits}.", "",
-                      "| concurrency | " + " | ".join(f"{c} TPOT ms | {c} tok/s" for c in ("shift", "tp", "sp", "dp")) + " |",
-                      "|---|" + "---|" * 8]
+            lines += [
+                f"#### {pred['name']} ({pred['layers']} layers), P = {P} -- predicted",
+                "",
+                (
+                    f"SP mesh {w['mesh']} (tp x sp); shift's threshold {w['threshold']} tokens (best over the sweep: "
+                    f"{w['best_threshold']}). SP mode is predicted faster than TP mode from {_x(w, 'decode')} tokens "
+                    f"in decode steps and from {_x(w, 'prefill')} in prefill steps. Weights: {fits}."
+                ),
+                "",
+                "| concurrency | " + " | ".join(f"{c} TPOT ms | {c} tok/s" for c in ("shift", "tp", "sp", "dp")) + " |",
+                "|---|" + "---|" * 8,
+            ]
             for i, c in enumerate(pred["concurrency"]):
                 cells = []
                 for cfg in ("shift", "tp", "sp", "dp"):
@@ -542,10 +684,17 @@ def markdown(predictions: list[dict]) -> str:
             r = w["ratios"]
             t = w["ttft_ms"]
             dp = "" if w["fits"]["dp"] else " (DP cannot hold the weights: hypothetical)"
-            lines += ["", f"Ratios: TPOT at c=1, TP/shift {r['tpot_c1_tp_over_shift']}, DP/shift {r['tpot_c1_dp_over_shift']}{dp}; "
-                          f"throughput at c={pred['concurrency'][-1]}, shift/TP {r['throughput_cmax_shift_over_tp']}, "
-                          f"shift/DP {r['throughput_cmax_shift_over_dp']}{dp}, shift/SP {r['throughput_cmax_shift_over_sp']}. "
-                          f"TTFT of a {pred['long_prompt']}-token prompt: " + ", ".join(f"{k} {v:,.0f} ms" for k, v in t.items()) + ".", ""]
+            lines += [
+                "",
+                f"Ratios: TPOT at c=1, TP/shift {r['tpot_c1_tp_over_shift']}, "
+                f"DP/shift {r['tpot_c1_dp_over_shift']}{dp}; "
+                f"throughput at c={pred['concurrency'][-1]}, shift/TP {r['throughput_cmax_shift_over_tp']}, "
+                f"shift/DP {r['throughput_cmax_shift_over_dp']}{dp}, shift/SP {r['throughput_cmax_shift_over_sp']}. "
+                f"TTFT of a {pred['long_prompt']}-token prompt: "
+                + ", ".join(f"{k} {v:,.0f} ms" for k, v in t.items())
+                + ".",
+                "",
+            ]
     return "\n".join(lines)
 
 
@@ -562,8 +711,14 @@ def plot(predictions: list[dict], out: Path) -> list[Path]:
         for i, cfg in enumerate(("shift", "tp", "sp", "dp")):
             pts = w["curves"][cfg]
             style = "-o" if w["fits"][cfg] else ":x"
-            ax.plot([p["output_tok_per_s"] for p in pts], [p["tpot_ms"] for p in pts], style, ms=3, color=f"C{i}",
-                    label=cfg + ("" if w["fits"][cfg] else " (weights do not fit)"))
+            ax.plot(
+                [p["output_tok_per_s"] for p in pts],
+                [p["tpot_ms"] for p in pts],
+                style,
+                ms=3,
+                color=f"C{i}",
+                label=cfg + ("" if w["fits"][cfg] else " (weights do not fit)"),
+            )
             for p in pts[:: max(1, len(pts) // 5)]:
                 ax.annotate(f"c{p['concurrency']}", (p["output_tok_per_s"], p["tpot_ms"]), fontsize=6, color=f"C{i}")
         ax.set_xscale("log")
@@ -572,10 +727,13 @@ def plot(predictions: list[dict], out: Path) -> list[Path]:
         ax.yaxis.set_minor_formatter(plt.NullFormatter())
         ax.set_xlabel("output tokens/s (all GPUs)")
         ax.set_ylabel("TPOT (ms)")
-        ax.set_title(f"PREDICTED {pred['name']} ({pred['layers']} layers), P={P}, mesh {w['mesh']}, thr {w['threshold']}", fontsize=9)
+        ax.set_title(
+            f"PREDICTED {pred['name']} ({pred['layers']} layers), P={P}, mesh {w['mesh']}, thr {w['threshold']}",
+            fontsize=9,
+        )
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=7)
-    for ax in list(axes.flat)[len(panels):]:
+    for ax in list(axes.flat)[len(panels) :]:
         ax.axis("off")
     fig.suptitle("cost-model predictions (one-GPU slice timings + 2xH200 collectives), not measurements")
     fig.tight_layout()
@@ -589,7 +747,13 @@ def plot(predictions: list[dict], out: Path) -> list[Path]:
         for i, (P, w) in enumerate(pred["by_world"].items()):
             cs = [p["concurrency"] for p in w["curves"]["tp"]]
             for cfg, ls in (("tp", "-"), ("sp", "--")):
-                ax.plot(cs, [p["decode_step_ms"] for p in w["curves"][cfg]], ls, color=f"C{i}", label=f"P={P} {cfg} ({w['mesh'] if cfg == 'sp' else f'{P}x1'})")
+                ax.plot(
+                    cs,
+                    [p["decode_step_ms"] for p in w["curves"][cfg]],
+                    ls,
+                    color=f"C{i}",
+                    label=f"P={P} {cfg} ({w['mesh'] if cfg == 'sp' else f'{P}x1'})",
+                )
             if w["decode_crossover"]:
                 ax.axvline(w["decode_crossover"], color=f"C{i}", lw=0.7, ls=":")
         ax.set_xscale("log", base=2)
@@ -614,8 +778,11 @@ def _ints(text: str) -> list[int]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m shiftlib.bench.costmodel", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m shiftlib.bench.costmodel",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     m = sub.add_parser("measure", help="time the slice models on this one device")
     m.add_argument("--preset", required=True)
@@ -630,11 +797,17 @@ def main(argv: list[str] | None = None) -> int:
     m.add_argument("--output", type=Path, required=True)
     p = sub.add_parser("predict", help="predict P = 2, 4, 8 from measurements")
     p.add_argument("measurements", type=Path, nargs="+")
-    p.add_argument("--layers", type=_ints, default=None, help="depth to predict per measurement file (default: the preset's)")
+    p.add_argument(
+        "--layers", type=_ints, default=None, help="depth to predict per measurement file (default: the preset's)"
+    )
     p.add_argument("--world", type=_ints, default=[2, 4, 8])
     p.add_argument("--threshold", type=int, default=None, help="shift's threshold (default: the best over the sweep)")
-    p.add_argument("--latency-ms", type=float, default=0.034,
-                   help="fixed cost of one collective (default 0.034: the eager 2xH200 all-reduce of 8 KiB)")
+    p.add_argument(
+        "--latency-ms",
+        type=float,
+        default=0.034,
+        help="fixed cost of one collective (default 0.034: the eager 2xH200 all-reduce of 8 KiB)",
+    )
     p.add_argument("--input-len", type=int, default=512)
     p.add_argument("--output-len", type=int, default=64)
     p.add_argument("--output", type=Path, required=True, help="predictions JSON")
@@ -642,8 +815,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--plots", type=Path, default=None)
     args = parser.parse_args(argv)
     if args.command == "measure":
-        result = measure(args.preset, args.parts, args.layers, args.batches, args.prefill, args.context, args.long_prompts,
-                         args.decode_steps, device=args.device)
+        result = measure(
+            args.preset,
+            args.parts,
+            args.layers,
+            args.batches,
+            args.prefill,
+            args.context,
+            args.long_prompts,
+            args.decode_steps,
+            device=args.device,
+        )
         args.output.parent.mkdir(parents=True, exist_ok=True)
         args.output.write_text(json.dumps(result, indent=1) + "\n")
         return 0
@@ -653,7 +835,9 @@ def main(argv: list[str] | None = None) -> int:
         layers = args.layers[i] if args.layers else None
         model = CostModel(meas, layers, Comm(latency_ms=args.latency_ms))
         name = meas["preset"] if layers in (None, meas["shape"]["layers"]) else f"{meas['preset']} extended"
-        pred = predict(model, name, args.world, input_len=args.input_len, output_len=args.output_len, threshold=args.threshold)
+        pred = predict(
+            model, name, args.world, input_len=args.input_len, output_len=args.output_len, threshold=args.threshold
+        )
         preds.append(dict(pred, latency_ms=args.latency_ms, measurement=str(path)))
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(preds, indent=1) + "\n")

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
@@ -51,7 +51,9 @@ class Clock:
         self._skipped += max(0.0, t - self.local())
 
 
-def drive(engine: Engine, load: Load, clock: Clock, on_finish: Callable[[], None] = lambda: None) -> tuple[list[RequestRecord], list[StepRecord]]:
+def drive(
+    engine: Engine, load: Load, clock: Clock, on_finish: Callable[[], None] = lambda: None
+) -> tuple[list[RequestRecord], list[StepRecord]]:
     """Run ``load`` to completion on ``engine``; return what each request and each step did.
 
     Requests are greedy with ``ignore_eos`` so every run produces exactly the asked-for number of tokens.

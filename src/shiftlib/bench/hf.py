@@ -66,8 +66,10 @@ class _Stamps(LogitsProcessor):
 def run_hf(model, load: Load, clock: Clock, on_finish=lambda: None) -> tuple[list[RequestRecord], list[StepRecord]]:
     """Batches of ``load.concurrency`` prompts of one length through ``generate``, one after another."""
     if load.concurrency is None:
-        raise ValueError(f"the Hugging Face peer runs closed-loop loads only, not {load.workload!r}: generate has no "
-                         f"continuous batching to admit requests as they arrive")
+        raise ValueError(
+            f"the Hugging Face peer runs closed-loop loads only, not {load.workload!r}: generate has no "
+            f"continuous batching to admit requests as they arrive"
+        )
     device = next(model.parameters()).device
     records, steps = [], []
     clock.start()
@@ -76,12 +78,19 @@ def run_hf(model, load: Load, clock: Clock, on_finish=lambda: None) -> tuple[lis
         lengths = {(len(r.prompt), r.output_len) for r in batch}
         if len(lengths) != 1:
             raise ValueError("the Hugging Face peer needs one prompt and output length per batch (no padding)")
-        (n_in, n_out), = lengths
+        ((n_in, n_out),) = lengths
         ids = torch.tensor([r.prompt for r in batch], device=device)
         stamps = _Stamps(clock, device.type == "cuda")
         start = clock.local()
-        model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n_out, min_new_tokens=n_out, do_sample=False,
-                       pad_token_id=0, logits_processor=LogitsProcessorList([stamps]))
+        model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=n_out,
+            min_new_tokens=n_out,
+            do_sample=False,
+            pad_token_id=0,
+            logits_processor=LogitsProcessorList([stamps]),
+        )
         times = stamps.times
         if len(times) != n_out:
             raise RuntimeError(f"generate produced {len(times)} tokens, asked for {n_out}")

@@ -65,7 +65,9 @@ def summarize(requests: list[RequestRecord], steps: list[StepRecord], duration_s
     """The metrics of one load. ``duration_s``: from the load's start to its last token (longest rank for DP)."""
     done = [r for r in requests if r.finish_s is not None]
     if len(done) != len(requests):
-        raise RuntimeError(f"{len(requests) - len(done)} of {len(requests)} requests did not finish: the driver stopped early")
+        raise RuntimeError(
+            f"{len(requests) - len(done)} of {len(requests)} requests did not finish: the driver stopped early"
+        )
     out: dict = {"num_requests": len(done), "duration_s": round(duration_s, 6)}
     series = {
         "ttft_ms": [r.ttft_s for r in done],
@@ -79,14 +81,21 @@ def summarize(requests: list[RequestRecord], steps: list[StepRecord], duration_s
     out_tokens = sum(r.output_len for r in done)
     in_tokens = sum(r.prompt_len for r in done)
     rate = (lambda n: round(n / duration_s, 3)) if duration_s > 0 else (lambda n: None)
-    out.update(output_tokens=out_tokens, input_tokens=in_tokens, output_tok_per_s=rate(out_tokens),
-               total_tok_per_s=rate(out_tokens + in_tokens), requests_per_s=rate(len(done)))
+    out.update(
+        output_tokens=out_tokens,
+        input_tokens=in_tokens,
+        output_tok_per_s=rate(out_tokens),
+        total_tok_per_s=rate(out_tokens + in_tokens),
+        requests_per_s=rate(len(done)),
+    )
     # Little's law: the mean number of requests in the system over the load.
     out["mean_in_flight"] = round(sum(r.latency_s for r in done) / duration_s, 3) if duration_s > 0 else None
     modes = Counter(s.mode for s in steps)
     out["num_steps"] = len(steps)
     out["steps_per_mode"] = dict(sorted(modes.items()))
     out["tokens_per_mode"] = {m: sum(s.num_tokens for s in steps if s.mode == m) for m in sorted(modes)}
-    out["step_ms_p50_per_mode"] = {m: _ms(percentile([s.seconds for s in steps if s.mode == m], 50)) for m in sorted(modes)}
+    out["step_ms_p50_per_mode"] = {
+        m: _ms(percentile([s.seconds for s in steps if s.mode == m], 50)) for m in sorted(modes)
+    }
     out["preempted"] = sum(s.preempted for s in steps)
     return out

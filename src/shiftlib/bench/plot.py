@@ -110,7 +110,9 @@ def bursty_modes(records: list[dict], path: Path) -> Path | None:
         trace = rec["step_trace"]
         for mode in sorted({s[1] for s in trace}):
             pts = [s for s in trace if s[1] == mode]
-            ax.scatter([s[0] for s in pts], [s[2] for s in pts], s=6, color=MODE_COLORS.get(mode, "k"), label=f"{mode} step")
+            ax.scatter(
+                [s[0] for s in pts], [s[2] for s in pts], s=6, color=MODE_COLORS.get(mode, "k"), label=f"{mode} step"
+            )
         if rec["config"] == "shift":
             ax.axhline(rec["threshold"], color="k", lw=0.8, ls="--", label=f"threshold {rec['threshold']}")
         for b in rec.get("bursts_s", []):
@@ -120,8 +122,11 @@ def bursty_modes(records: list[dict], path: Path) -> Path | None:
         ax.set_yscale("log")
         ax.set_ylabel("tokens per step")
         counts = ", ".join(f"{k} {v}" for k, v in rec["steps_per_mode"].items())
-        ax.set_title(f"{_series_name(rec)}: {counts} steps; TTFT p50 {rec['ttft_ms_p50']:.1f} ms, "
-                     f"TPOT p50 {rec['tpot_ms_p50'] or 0:.2f} ms", fontsize=9)
+        ax.set_title(
+            f"{_series_name(rec)}: {counts} steps; TTFT p50 {rec['ttft_ms_p50']:.1f} ms, "
+            f"TPOT p50 {rec['tpot_ms_p50'] or 0:.2f} ms",
+            fontsize=9,
+        )
         ax.legend(fontsize=7, loc="upper right")
     axes[-1, 0].set_xlabel("time (s, idle stretches skipped)")
     fig.suptitle(_title(records, "mode of every step over the bursty trace"))
@@ -166,8 +171,9 @@ def plot_all(records: list[dict], out: Path) -> list[Path]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m shiftlib.bench.plot", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m shiftlib.bench.plot", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("records", type=Path, help="JSON written by shiftlib bench --output")
     parser.add_argument("--out", type=Path, required=True, help="folder for the PNGs")
     args = parser.parse_args(argv)

@@ -3,9 +3,17 @@
 from __future__ import annotations
 
 COLUMNS = (
-    ("config", "config"), ("mesh", "mesh"), ("load", "load"), ("ttft_ms_p50", "TTFT p50 ms"), ("ttft_ms_p99", "TTFT p99 ms"),
-    ("tpot_ms_p50", "TPOT p50 ms"), ("tpot_ms_p99", "TPOT p99 ms"), ("latency_ms_p50", "latency p50 ms"),
-    ("output_tok_per_s", "output tok/s"), ("total_tok_per_s", "total tok/s"), ("steps_per_mode", "steps tp/sp"),
+    ("config", "config"),
+    ("mesh", "mesh"),
+    ("load", "load"),
+    ("ttft_ms_p50", "TTFT p50 ms"),
+    ("ttft_ms_p99", "TTFT p99 ms"),
+    ("tpot_ms_p50", "TPOT p50 ms"),
+    ("tpot_ms_p99", "TPOT p99 ms"),
+    ("latency_ms_p50", "latency p50 ms"),
+    ("output_tok_per_s", "output tok/s"),
+    ("total_tok_per_s", "total tok/s"),
+    ("steps_per_mode", "steps tp/sp"),
 )
 
 
@@ -13,7 +21,11 @@ def _cell(key: str, value) -> str:
     if value is None:
         return "-"
     if key == "steps_per_mode":
-        return f"{value.get('tp', 0)}/{value.get('sp', 0)}" if set(value) <= {"tp", "sp"} else ",".join(f"{k}:{v}" for k, v in value.items())
+        return (
+            f"{value.get('tp', 0)}/{value.get('sp', 0)}"
+            if set(value) <= {"tp", "sp"}
+            else ",".join(f"{k}:{v}" for k, v in value.items())
+        )
     if isinstance(value, float):
         return f"{value:,.1f}" if abs(value) >= 100 else f"{value:.2f}"
     return str(value)

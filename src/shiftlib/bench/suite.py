@@ -82,8 +82,10 @@ class BenchOptions:
         if self.trace is not None and self.trace not in TRACES:
             raise ValueError(f"unknown trace {self.trace!r}: choose one of {', '.join(TRACES)}")
         if self.input_len < 1 or self.output_len < 1 or self.long_output_len < 1:
-            raise ValueError(f"input and output lengths must be >= 1 token, got input_len={self.input_len}, "
-                             f"output_len={self.output_len}, long_output_len={self.long_output_len}")
+            raise ValueError(
+                f"input and output lengths must be >= 1 token, got input_len={self.input_len}, "
+                f"output_len={self.output_len}, long_output_len={self.long_output_len}"
+            )
         if not (self.concurrency or self.rates or self.trace or self.long_prompts):
             raise ValueError("nothing to measure: give --concurrency, --rates, --trace or --long-prompts")
 
@@ -92,17 +94,30 @@ def machine() -> dict:
     """What ran it: the GPU (or CPU) name and how many ranks and devices took part."""
     world = dist.get_world_size() if dist.is_initialized() else 1
     if torch.cuda.is_available():
-        return dict(device=torch.cuda.get_device_name(), ranks=world, devices_visible=torch.cuda.device_count(),
-                    host=platform.node())
-    return dict(device=f"CPU ({platform.processor() or platform.machine()})", ranks=world, devices_visible=0,
-                host=platform.node())
+        return dict(
+            device=torch.cuda.get_device_name(),
+            ranks=world,
+            devices_visible=torch.cuda.device_count(),
+            host=platform.node(),
+        )
+    return dict(
+        device=f"CPU ({platform.processor() or platform.machine()})",
+        ranks=world,
+        devices_visible=0,
+        host=platform.node(),
+    )
 
 
 def versions() -> dict:
     import transformers
 
-    out = dict(python=platform.python_version(), torch=torch.__version__, transformers=transformers.__version__,
-               shiftlib=shiftlib.__version__, cuda=torch.version.cuda)
+    out = dict(
+        python=platform.python_version(),
+        torch=torch.__version__,
+        transformers=transformers.__version__,
+        shiftlib=shiftlib.__version__,
+        cuda=torch.version.cuda,
+    )
     try:
         import triton
 
@@ -116,8 +131,18 @@ def build_loads(opts: BenchOptions, vocab: int) -> list[Load]:
     loads = concurrency_sweep(opts.concurrency, opts.input_len, opts.output_len, vocab, opts.waves, opts.seed)
     loads += poisson(opts.rates, opts.num_requests, opts.input_len, opts.output_len, vocab, opts.seed)
     if opts.trace == "bursty":
-        loads.append(bursty(opts.trace_seconds, opts.input_len, opts.output_len, vocab, opts.quiet_rate, opts.burst_rate,
-                            opts.trace_bursts, opts.seed))
+        loads.append(
+            bursty(
+                opts.trace_seconds,
+                opts.input_len,
+                opts.output_len,
+                vocab,
+                opts.quiet_rate,
+                opts.burst_rate,
+                opts.trace_bursts,
+                opts.seed,
+            )
+        )
     loads += long_prompts(opts.long_prompts, opts.long_output_len, vocab, seed=opts.seed)
     return loads
 
@@ -126,15 +151,30 @@ def _warmup_loads(loads: list[Load], max_seqs: int) -> list[Load]:
     """Each closed-loop level's own prompts with two new tokens, so kernel compilation and the CUDA graphs of its
     decode batch and block-table width are made before anything is timed. (Open-loop and long-prompt loads mix
     shapes; a graph they meet first is captured inside the run, which shows in their p99 more than in p50.)"""
-    warm = [Load("concurrency", [RequestSpec(r.prompt, 2) for r in load.requests[: min(load.concurrency, max_seqs)]],
-                 concurrency=min(load.concurrency, max_seqs)) for load in loads if load.workload == "concurrency" and load.requests]
+    warm = [
+        Load(
+            "concurrency",
+            [RequestSpec(r.prompt, 2) for r in load.requests[: min(load.concurrency, max_seqs)]],
+            concurrency=min(load.concurrency, max_seqs),
+        )
+        for load in loads
+        if load.workload == "concurrency" and load.requests
+    ]
     if not warm:
         first = next((load.requests[0] for load in loads if load.requests), None)
         warm = [Load("concurrency", [RequestSpec(first.prompt, 2)], concurrency=1)] if first else []
     return warm
 
 
-def _cache_blocks(config, kv_chunks: int, dtype: torch.dtype, opts: BenchOptions, loads: list[Load], max_seqs: int, device: torch.device) -> int | None:
+def _cache_blocks(
+    config,
+    kv_chunks: int,
+    dtype: torch.dtype,
+    opts: BenchOptions,
+    loads: list[Load],
+    max_seqs: int,
+    device: torch.device,
+) -> int | None:
     """Blocks for the largest load (its peak of requests in flight at their longest), None if that is more than
     the GPU can hold (then the engine takes what memory allows and preempts)."""
     tokens = max(min(load.peak_in_flight, max_seqs) * load.max_context for load in loads)
@@ -165,15 +205,26 @@ class Bench:
         device_type = opts.device or ("cuda" if torch.cuda.is_available() else "cpu")
         ensure_process_group(device_type)
         self.device_type = device_type
-        self.device = torch.device(device_type, torch.cuda.current_device()) if device_type == "cuda" else torch.device("cpu")
+        self.device = (
+            torch.device(device_type, torch.cuda.current_device()) if device_type == "cuda" else torch.device("cpu")
+        )
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
-        self.dtype = getattr(torch, opts.dtype) if opts.dtype else (torch.bfloat16 if device_type == "cuda" else torch.float32)
+        self.dtype = (
+            getattr(torch, opts.dtype) if opts.dtype else (torch.bfloat16 if device_type == "cuda" else torch.float32)
+        )
         self.config = preset_config(opts.preset)
         self.loads = build_loads(opts, self.config.vocab_size)
         self.max_seqs = opts.max_num_seqs or max([256, *opts.concurrency])
-        self.meta = dict(preset=opts.preset, dtype=str(self.dtype).removeprefix("torch."), threshold=opts.threshold,
-                         max_num_tokens=opts.max_num_tokens, block_size=opts.block_size, machine=machine(),
-                         versions=versions(), command=opts.command or " ".join(sys.argv))
+        self.meta = dict(
+            preset=opts.preset,
+            dtype=str(self.dtype).removeprefix("torch."),
+            threshold=opts.threshold,
+            max_num_tokens=opts.max_num_tokens,
+            block_size=opts.block_size,
+            machine=machine(),
+            versions=versions(),
+            command=opts.command or " ".join(sys.argv),
+        )
         self.records: list[dict] = []
 
     # -- progress -------------------------------------------------------------------------------------------
@@ -186,13 +237,18 @@ class Bench:
         return n
 
     def _hf_loads(self) -> list[Load]:
-        return [load for load in self.loads if load.concurrency is not None and load.concurrency <= self.opts.hf_max_concurrency]
+        return [
+            load
+            for load in self.loads
+            if load.concurrency is not None and load.concurrency <= self.opts.hf_max_concurrency
+        ]
 
     # -- the run --------------------------------------------------------------------------------------------
     def run(self) -> list[dict]:
         opts = self.opts
-        self.bar = tqdm(total=self._total_requests(), disable=self.rank != 0 or not opts.progress, unit="req",
-                        dynamic_ncols=True)
+        self.bar = tqdm(
+            total=self._total_requests(), disable=self.rank != 0 or not opts.progress, unit="req", dynamic_ncols=True
+        )
         try:
             for tp, sp in opts.meshes or [(opts.tp, opts.sp)]:
                 if any(c in ENGINE_MODE for c in opts.configs):
@@ -207,8 +263,15 @@ class Bench:
 
     def _engine(self, model, mode: str, kv_chunks: int) -> shiftlib.Engine:
         blocks = _cache_blocks(self.config, kv_chunks, self.dtype, self.opts, self.loads, self.max_seqs, self.device)
-        engine = shiftlib.Engine(model, num_blocks=blocks, block_size=self.opts.block_size, max_num_tokens=self.opts.max_num_tokens,
-                                 max_num_seqs=self.max_seqs, mode=mode, threshold=self.opts.threshold)
+        engine = shiftlib.Engine(
+            model,
+            num_blocks=blocks,
+            block_size=self.opts.block_size,
+            max_num_tokens=self.opts.max_num_tokens,
+            max_num_seqs=self.max_seqs,
+            mode=mode,
+            threshold=self.opts.threshold,
+        )
         return engine
 
     def _warm(self, engine: shiftlib.Engine, loads: list[Load], clock: Clock) -> None:
@@ -216,10 +279,29 @@ class Bench:
             for load in _warmup_loads(loads, self.max_seqs):
                 drive(engine, load, clock)
 
-    def _record(self, config: str, tp: int, sp: int, load: Load, requests: list[RequestRecord], steps: list[StepRecord], note: str = "") -> None:
+    def _record(
+        self,
+        config: str,
+        tp: int,
+        sp: int,
+        load: Load,
+        requests: list[RequestRecord],
+        steps: list[StepRecord],
+        note: str = "",
+    ) -> None:
         duration = max((r.finish_s for r in requests), default=0.0)
-        rec = dict(config=config, mesh=f"{tp}x{sp}", tp=tp, sp=sp, world=self.world, workload=load.workload, load=load.label,
-                   concurrency=load.concurrency, rate=load.rate, **{k: v for k, v in load.params.items() if k != "bursts_s"})
+        rec = dict(
+            config=config,
+            mesh=f"{tp}x{sp}",
+            tp=tp,
+            sp=sp,
+            world=self.world,
+            workload=load.workload,
+            load=load.label,
+            concurrency=load.concurrency,
+            rate=load.rate,
+            **{k: v for k, v in load.params.items() if k != "bursts_s"},
+        )
         rec.update(summarize(requests, steps, duration))
         if load.workload == "bursty":
             rec["bursts_s"] = load.params["bursts_s"]
@@ -238,7 +320,9 @@ class Bench:
 
     def _run_mesh(self, tp: int, sp: int) -> None:
         mesh = shiftlib.init_mesh(tp, sp, self.device_type)
-        model = shiftlib.parallelize(random_model(self.config, self.dtype, self.device, self.opts.seed), mesh, self.opts.threshold)
+        model = shiftlib.parallelize(
+            random_model(self.config, self.dtype, self.device, self.opts.seed), mesh, self.opts.threshold
+        )
         _free()
         kv_chunks = max(self.config.num_key_value_heads // (tp * sp), 1)
         clock = Clock(dist.group.WORLD if self.world > 1 else None, self.device)
@@ -261,11 +345,15 @@ class Bench:
         counts = [load.concurrency // P + (r < load.concurrency % P) for r in range(P)]
         per_client = len(load.requests) / load.concurrency
         bounds = [round(per_client * sum(counts[:r])) for r in range(P + 1)]
-        return Load(load.workload, load.requests[bounds[rank] : bounds[rank + 1]], max(counts[rank], 1), load.rate, load.params)
+        return Load(
+            load.workload, load.requests[bounds[rank] : bounds[rank + 1]], max(counts[rank], 1), load.rate, load.params
+        )
 
     def _run_dp(self) -> None:
         replica = init_device_mesh(self.device_type, (self.world, 1, 1), mesh_dim_names=("dp", "tp", "sp"))["tp", "sp"]
-        model = shiftlib.parallelize(random_model(self.config, self.dtype, self.device, self.opts.seed), replica, self.opts.threshold)
+        model = shiftlib.parallelize(
+            random_model(self.config, self.dtype, self.device, self.opts.seed), replica, self.opts.threshold
+        )
         _free()
         shares = [self._share(load, self.rank) for load in self.loads]
         engine = self._engine(model, "tp", self.config.num_key_value_heads)

@@ -7,7 +7,6 @@ shared with every rank) has passed it.
 
 from __future__ import annotations
 
-import math
 import random
 from dataclasses import dataclass, field
 
@@ -56,7 +55,9 @@ def _prompt(rng: random.Random, length: int, vocab: int) -> list[int]:
     return [rng.randrange(vocab) for _ in range(length)]
 
 
-def concurrency_sweep(levels: list[int], input_len: int, output_len: int, vocab: int, waves: int = 2, seed: int = 0) -> list[Load]:
+def concurrency_sweep(
+    levels: list[int], input_len: int, output_len: int, vocab: int, waves: int = 2, seed: int = 0
+) -> list[Load]:
     """Closed loop: ``c`` requests in flight, ``waves * c`` in all, so each level reaches a steady state."""
     if waves < 1:
         raise ValueError(f"waves must be >= 1, got {waves}")
@@ -66,11 +67,15 @@ def concurrency_sweep(levels: list[int], input_len: int, output_len: int, vocab:
             raise ValueError(f"concurrency levels must be >= 1, got {c}")
         rng = random.Random(f"{seed}-c{c}")
         requests = [RequestSpec(_prompt(rng, input_len, vocab), output_len) for _ in range(waves * c)]
-        loads.append(Load("concurrency", requests, concurrency=c, params=dict(input_len=input_len, output_len=output_len)))
+        loads.append(
+            Load("concurrency", requests, concurrency=c, params=dict(input_len=input_len, output_len=output_len))
+        )
     return loads
 
 
-def poisson(rates: list[float], num_requests: int, input_len: int, output_len: int, vocab: int, seed: int = 0) -> list[Load]:
+def poisson(
+    rates: list[float], num_requests: int, input_len: int, output_len: int, vocab: int, seed: int = 0
+) -> list[Load]:
     """Open loop: exponential gaps between arrivals at ``rate`` requests per second."""
     loads = []
     for rate in rates:
@@ -85,8 +90,16 @@ def poisson(rates: list[float], num_requests: int, input_len: int, output_len: i
     return loads
 
 
-def bursty(seconds: float, input_len: int, output_len: int, vocab: int, quiet_rate: float = 1.0, burst_rate: float = 32.0,
-           bursts: int = 4, seed: int = 0) -> Load:
+def bursty(
+    seconds: float,
+    input_len: int,
+    output_len: int,
+    vocab: int,
+    quiet_rate: float = 1.0,
+    burst_rate: float = 32.0,
+    bursts: int = 4,
+    seed: int = 0,
+) -> Load:
     """Quiet stretches with bursts, like the production traces of the Shift Parallelism paper (seed 001).
 
     The trace is cut into ``bursts`` equal periods; each holds one burst a fifth of the period long, at a random
@@ -95,8 +108,10 @@ def bursty(seconds: float, input_len: int, output_len: int, vocab: int, quiet_ra
     with short decodes.
     """
     if seconds <= 0 or quiet_rate <= 0 or burst_rate <= 0 or bursts < 1:
-        raise ValueError(f"bursty trace needs seconds > 0, rates > 0 and bursts >= 1, got seconds={seconds}, "
-                         f"quiet_rate={quiet_rate}, burst_rate={burst_rate}, bursts={bursts}")
+        raise ValueError(
+            f"bursty trace needs seconds > 0, rates > 0 and bursts >= 1, got seconds={seconds}, "
+            f"quiet_rate={quiet_rate}, burst_rate={burst_rate}, bursts={bursts}"
+        )
     rng = random.Random(f"{seed}-bursty")
     period = seconds / bursts
     burst_s = period / 5
@@ -118,8 +133,15 @@ def bursty(seconds: float, input_len: int, output_len: int, vocab: int, quiet_ra
             requests.append(RequestSpec(_prompt(rng, n_in, vocab), n_out, t))
     if not requests:
         raise ValueError(f"the bursty trace of {seconds} s drew no request: lengthen it or raise the rates")
-    params = dict(input_len=input_len, output_len=output_len, seconds=seconds, quiet_rate=quiet_rate,
-                  burst_rate=burst_rate, burst_s=burst_s, bursts_s=[round(b, 4) for b in starts])
+    params = dict(
+        input_len=input_len,
+        output_len=output_len,
+        seconds=seconds,
+        quiet_rate=quiet_rate,
+        burst_rate=burst_rate,
+        burst_s=burst_s,
+        bursts_s=[round(b, 4) for b in starts],
+    )
     return Load("bursty", requests, rate=len(requests) / seconds, params=params)
 
 
@@ -131,5 +153,7 @@ def long_prompts(lengths: list[int], output_len: int, vocab: int, repeats: int =
             raise ValueError(f"long-prompt lengths must be >= 1 token, got {n}")
         rng = random.Random(f"{seed}-p{n}")
         requests = [RequestSpec(_prompt(rng, n, vocab), output_len) for _ in range(repeats)]
-        loads.append(Load("long-prompt", requests, concurrency=1, params=dict(prompt_len=n, input_len=n, output_len=output_len)))
+        loads.append(
+            Load("long-prompt", requests, concurrency=1, params=dict(prompt_len=n, input_len=n, output_len=output_len))
+        )
     return loads
