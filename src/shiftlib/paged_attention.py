@@ -31,6 +31,7 @@ class AttentionBatch:
     query_start: list[int]  # host copy, B + 1 offsets
     context_lens_host: list[int]
     decode: bool = False  # row i is the single new token of sequence i (the CUDA-graph case)
+    num_decodes: int = 0  # leading sequences with one new token each: rows [0, num_decodes) in a mixed step
 
     @property
     def num_tokens(self) -> int:
@@ -85,22 +86,31 @@ def attend(
 
     q: (N, hq, d); k, v: (N, hkv, d), the step's own; cache: (slots, hkv, d) each.
 
-    Backends: decode steps use the Triton flash-decoding kernel on GPU (or its PyTorch twin on CPU), both driven
-    by device tensors only, so the step can be captured in a CUDA graph. Other steps go sequence by sequence
-    through SDPA: flash attention (``is_causal``) where a sequence's whole context is new, the masked exact path
-    otherwise. Without a cache the step's own K/V are the key store (``AttentionBatch.dense``).
+    Backends: decode rows (the step's leading sequences of one new token each; every row of a decode step) go
+    through the Triton flash-decoding kernel on GPU, or its PyTorch twin on CPU, in one call driven by device
+    tensors only, so a decode step can be captured in a CUDA graph. The other sequences of a mixed or prefill
+    step go one by one through SDPA: flash attention (``is_causal``) where a sequence's whole context is new, the
+    masked exact path otherwise. Without a cache the step's own K/V are the key store (``AttentionBatch.dense``).
     """
     if kv_cache is None:
-        k_store, v_store = k, v
-    else:
-        k_store, v_store = kv_cache
-        if batch.decode:
-            if q.is_cuda:
-                from shiftlib.triton_decode import paged_decode
+        return _attend_by_sequence(q, k, v, k, v, batch, scale, window, first=0)
+    k_store, v_store = kv_cache
+    n = q.shape[0] if batch.decode else batch.num_decodes
+    if n == 0:
+        return _attend_by_sequence(q, k, v, k_store, v_store, batch, scale, window, first=0)
+    decode = paged_decode_op if q.is_cuda else decode_reference
+    o = decode(q[:n], k_store, v_store, batch.block_tables[:n], batch.context_lens[:n], batch.block_size, scale, window)
+    if n == q.shape[0]:
+        return o
+    out = _attend_by_sequence(q, k, v, k_store, v_store, batch, scale, window, first=n)
+    out[:n] = o
+    return out
 
-                return paged_decode(q, k_store, v_store, batch.block_tables, batch.context_lens, batch.block_size, scale, window)
-            return decode_reference(q, k_store, v_store, batch.block_tables, batch.context_lens, batch.block_size, scale, window)
-    return _attend_by_sequence(q, k, v, k_store, v_store, batch, scale, window)
+
+def paged_decode_op(*args) -> torch.Tensor:
+    from shiftlib.triton_decode import paged_decode  # Triton is imported only where a GPU runs it
+
+    return paged_decode(*args)
 
 
 def decode_reference(q, k_cache, v_cache, block_tables, context_lens, block_size: int, scale: float, window: int | None) -> torch.Tensor:
@@ -133,9 +143,11 @@ def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, **mas
     return F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=gqa, **mask)[0].transpose(0, 1)
 
 
-def _attend_by_sequence(q, k, v, k_store, v_store, batch: AttentionBatch, scale: float, window: int | None) -> torch.Tensor:
+def _attend_by_sequence(q, k, v, k_store, v_store, batch: AttentionBatch, scale: float, window: int | None, first: int) -> torch.Tensor:
+    """Sequences ``first`` onwards, one SDPA each; rows of earlier sequences are left at zero."""
     out = q.new_zeros(q.shape)
-    for b, length in enumerate(batch.context_lens_host):
+    for b in range(first, len(batch.context_lens_host)):
+        length = batch.context_lens_host[b]
         lo, hi = batch.query_start[b], batch.query_start[b + 1]
         if hi == lo:
             continue

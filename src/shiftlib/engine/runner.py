@@ -76,6 +76,7 @@ class Runner:
             query_start=query_start,
             context_lens_host=context_lens,
             decode=all(n == 1 for _, n in plan.work),
+            num_decodes=next((b for b, (_, n) in enumerate(plan.work) if n > 1), len(plan.work)),
         )
         return dev(tokens), pos, batch, dev(rows), sampled
 
