@@ -134,6 +134,11 @@ def _bad_requests() -> list[str]:
             bad()
         assert words in str(info.value), str(info.value)
         messages.append(str(info.value))
+    with pytest.raises(ValueError, match="empty prompt"):
+        engine.generate([[1, 2], []])  # checked as a whole: the good prompt is not queued either
+    with pytest.raises(ValueError, match="2 prompts but 3 SamplingParams"):
+        engine.generate([[1], [2]], [SamplingParams()] * 3)
+    assert list(engine.requests) == [good]
     while engine.has_unfinished:  # the good request is still served
         engine.step()
     assert engine.completion(good).tokens == hf_greedy("llama", prompts((6,))[0], NEW)[:4]

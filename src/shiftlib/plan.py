@@ -141,6 +141,14 @@ def mode(model: nn.Module, m: str) -> Iterator[nn.Module]:
     """Run the model's steps in one mode inside the block: ``"tp"``, ``"sp"`` or ``"auto"``.
 
     In ``"auto"`` (the default outside any block) a forward of at most ``threshold`` tokens runs in TP mode.
+    Both modes give the same logits; the mode only changes how the work is split over the ranks.
+
+    Args:
+        model: a model from :func:`shiftlib.parallelize` or :func:`shiftlib.from_pretrained`.
+        m: ``"tp"``, ``"sp"`` or ``"auto"``.
+
+    Returns:
+        A context manager that yields ``model`` and restores the previous mode on exit.
 
     Raises:
         ValueError: unknown mode, or a model that was not parallelized.

@@ -23,7 +23,16 @@ CPU_DEFAULT_BLOCKS = 1024
 
 @dataclass(frozen=True)
 class StepStats:
-    """What one step did; benchmarks read these."""
+    """What one step did; benchmarks read these from ``Engine.stats``.
+
+    Attributes:
+        mode: ``"tp"`` or ``"sp"``, the mode the step ran in.
+        num_tokens: tokens scheduled (prefill chunks + decodes): what the threshold is compared with.
+        num_seqs: requests in the step.
+        num_sampled: requests that got a new token (a prefill chunk that does not end its prompt gets none).
+        preempted: requests preempted to make room in the cache during scheduling.
+        seconds: wall time of the step, scheduling and sampling included.
+    """
 
     mode: str
     num_tokens: int
@@ -35,6 +44,8 @@ class StepStats:
 
 @dataclass(frozen=True)
 class Completion:
+    """A finished request: its tokens, why it stopped, and its latencies (seconds from ``add_request``)."""
+
     id: int
     prompt: list[int]
     tokens: list[int]
@@ -121,13 +132,23 @@ class Engine:
 
     # -- requests -----------------------------------------------------------------------------------------
     def add_request(self, prompt: list[int] | str, params: SamplingParams | None = None) -> int:
-        """Queue a request; returns its id. Bad input raises here and leaves the engine serving the others.
+        """Queue a request. Bad input raises here and leaves the engine serving the others.
+
+        Args:
+            prompt: token ids, or a string when the model has a tokenizer.
+            params: sampling and stopping; defaults to greedy, 16 new tokens.
+
+        Returns:
+            The request id, for :meth:`completion` and the pairs :meth:`step` yields.
 
         Raises:
             ValueError: empty prompt, token ids outside the vocabulary, prompt (plus ``max_new_tokens``)
                 longer than the model's context or than the whole KV cache.
         """
         params = params or SamplingParams()
+        return self._queue(self._checked(prompt, params), params)
+
+    def _checked(self, prompt: list[int] | str, params: SamplingParams) -> list[int]:
         prompt = self._encode(prompt)
         vocab = self.shift.config.vocab_size
         if not prompt:
@@ -145,6 +166,9 @@ class Engine:
                 f"prompt of {len(prompt)} tokens + max_new_tokens={params.max_new_tokens} exceeds the KV cache "
                 f"({self.cache.capacity_tokens} tokens): raise num_blocks or memory_fraction, or shorten the request"
             )
+        return prompt
+
+    def _queue(self, prompt: list[int], params: SamplingParams) -> int:
         rid = self._next_id
         self._next_id += 1
         seed = params.seed if params.seed is not None else self._base_seed + rid
@@ -185,7 +209,12 @@ class Engine:
 
     # -- the loop -----------------------------------------------------------------------------------------
     def step(self) -> list[tuple[int, int]]:
-        """Run one step; return the ``(request id, token)`` pairs it produced."""
+        """Schedule and run one step in the mode its token count picks.
+
+        Returns:
+            The ``(request id, token)`` pairs the step produced (empty for a step of prefill chunks only, or
+            when nothing is queued).
+        """
         start = time.perf_counter()
         plan = self.scheduler.schedule(self.pick_mode)
         if not plan.work:
@@ -208,11 +237,21 @@ class Engine:
         return events
 
     def stream(self) -> Iterator[tuple[int, int]]:
-        """Step until every queued request is finished, yielding tokens as they are produced."""
+        """Step until every queued request is finished, yielding ``(request id, token)`` as they are produced.
+
+        Example:
+            >>> for rid, token in engine.stream():
+            ...     print(rid, token)
+        """
         while self.has_unfinished:
             yield from self.step()
 
     def completion(self, rid: int) -> Completion:
+        """The tokens and latencies of a finished request.
+
+        Raises:
+            ValueError: the request is still queued or running.
+        """
         seq = self.requests[rid]
         if seq.status is not Status.FINISHED:
             raise ValueError(f"request {rid} is not finished")
@@ -220,11 +259,25 @@ class Engine:
         return Completion(rid, seq.prompt, list(seq.output), seq.finish_reason, first - seq.arrival, seq.finish_time - seq.arrival)
 
     def generate(self, prompts: Iterable[list[int] | str], params: SamplingParams | Seq[SamplingParams] | None = None) -> list[list[int]]:
-        """Run ``prompts`` to completion (continuous batching) and return each one's new tokens, in order."""
+        """Run ``prompts`` to completion (continuous batching) and return each one's new tokens, in order.
+
+        Args:
+            prompts: token-id lists, or strings when the model has a tokenizer.
+            params: one :class:`SamplingParams` for all prompts, or one per prompt.
+
+        Returns:
+            The new tokens of each prompt (the prompt excluded).
+
+        Raises:
+            ValueError: as :meth:`add_request`, before any of the prompts is queued.
+        """
         prompts = list(prompts)
         if params is None or isinstance(params, SamplingParams):
             params = [params or SamplingParams()] * len(prompts)
-        ids = [self.add_request(p, sp) for p, sp in zip(prompts, params)]
+        if len(params) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(params)} SamplingParams: give one, or one per prompt")
+        checked = [self._checked(p, sp) for p, sp in zip(prompts, params)]
+        ids = [self._queue(p, sp) for p, sp in zip(checked, params)]
         for _ in self.stream():
             pass
         return [self.requests.pop(i).output for i in ids]

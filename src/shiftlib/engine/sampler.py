@@ -11,8 +11,20 @@ import torch
 class SamplingParams:
     """How one request picks its tokens.
 
-    ``temperature == 0`` is greedy. ``top_k == 0`` and ``top_p == 1`` disable those filters. ``seed`` makes a
-    sampled request reproducible across runs (and it is identical on every rank in any case).
+    Args:
+        max_new_tokens: tokens to generate at most.
+        temperature: ``0`` is greedy; otherwise logits are divided by it before sampling.
+        top_p: keep the most likely tokens up to this probability mass (``1`` disables).
+        top_k: keep only the ``k`` most likely tokens (``0`` disables).
+        seed: makes a sampled request reproducible across runs; draws are identical on every rank either way.
+        stop_token_ids: tokens that end the request (the model's EOS does too unless ``ignore_eos``).
+        ignore_eos: generate through EOS (fixed output lengths for benchmarks).
+
+    Raises:
+        ValueError: ``max_new_tokens < 0``, ``temperature < 0``, ``top_p`` outside (0, 1], ``top_k < 0``.
+
+    Example:
+        >>> SamplingParams(max_new_tokens=32, temperature=0.7, top_p=0.9, seed=0)
     """
 
     max_new_tokens: int = 16
