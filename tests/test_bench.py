@@ -90,7 +90,7 @@ def test_bench_on_one_rank_writes_json_and_plots(ranks, tmp_path: Path) -> None:
     assert loads == {"c=1", "c=3", "rate=400/s", "bursty", "prompt=40"}
     for name in PLOTS:
         assert (plots / name).stat().st_size > 10_000, name
-    assert "shiftlib.bench" in records[0]["command"] or "bench" in records[0]["command"]
+    assert records[0]["command"].startswith("python -m shiftlib bench --preset tiny")
 
 
 def test_bench_on_two_ranks_runs_every_configuration_on_both_meshes(ranks, tmp_path: Path) -> None:

@@ -328,7 +328,9 @@ def main(argv: list[str] | None = None) -> int:
     """
     owns_group = not _dist_initialized()  # a caller's process group (e.g. in tests) is left alone
     try:
+        argv = sys.argv[1:] if argv is None else list(argv)
         args = build_parser().parse_args(argv)
+        args.argv = argv  # what was asked for, recorded by the benchmarks
         code = args.func(args)
     except UserError as e:
         if not e.shared or _rank() == 0:

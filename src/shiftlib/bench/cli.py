@@ -143,15 +143,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     )
 
 
-def command_line() -> str:
-    """How this process was started, as a shell line (torchrun's launch included)."""
-    argv = list(sys.argv)
-    main = Path(argv[0])
-    if main.name == "__main__.py":
-        head = "python -m shiftlib.bench" if main.parent.name == "bench" else "python -m shiftlib"
-    else:
-        head = main.name
-    line = shlex.join([*head.split(), *argv[1:]])
+def command_line(argv: list[str]) -> str:
+    """The command that asked for this run (``argv``: the ``shiftlib`` arguments), as one shell line, under
+    torchrun when several ranks run it."""
+    line = shlex.join(["python", "-m", "shiftlib", *argv])
     world = os.environ.get("WORLD_SIZE")
     if world and int(world) > 1:
         line = f"torchrun --nproc-per-node {world} " + line.replace("python ", "", 1)
@@ -188,7 +183,7 @@ def options(args: argparse.Namespace) -> BenchOptions:
         seed=args.seed,
         warmup=not args.no_warmup,
         progress=not args.no_progress,
-        command=command_line(),
+        command=command_line(args.argv),
     )
 
 
