@@ -64,8 +64,7 @@ class ShiftAttention(nn.Module):
         """Copy this rank's shard out of Hugging Face's ``q_proj/k_proj/v_proj/o_proj`` (and norms)."""
         d, h = self.heads.head_dim, self.heads
         chunks = range(self.mesh.t * self.mesh.sp, (self.mesh.t + 1) * self.mesh.sp)
-        for part, name in (("weight", "qkv_weight"), ("bias", "qkv_bias")):
-            local = self._qkv if part == "weight" else self._qkv_bias
+        for part, local in (("weight", self._qkv), ("bias", self._qkv_bias)):
             if local is None:
                 continue
             at = 0  # block by block into place: no second full-size buffer while loading
