@@ -37,6 +37,14 @@ def _title(records: list[dict], what: str) -> str:
     return f"{what} -- {r.get('preset')} {r.get('dtype')}, {m.get('ranks')} x {m.get('device')}"
 
 
+def _save(plt, fig, path: Path, title: str, fontsize: float | None = None) -> Path:
+    fig.suptitle(title, fontsize=fontsize)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def latency_throughput(records: list[dict], path: Path) -> Path | None:
     groups: dict[tuple[str, str], list[dict]] = defaultdict(list)
     for rec in records:
@@ -67,11 +75,7 @@ def latency_throughput(records: list[dict], path: Path) -> Path | None:
         ax.set_yscale("log")
         ax.grid(alpha=0.3, which="both")
     axes[0].legend(fontsize=8)
-    fig.suptitle(_title(records, "latency vs throughput"))
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path, _title(records, "latency vs throughput"))
 
 
 def ttft_tpot_bars(records: list[dict], path: Path) -> Path | None:
@@ -93,11 +97,7 @@ def ttft_tpot_bars(records: list[dict], path: Path) -> Path | None:
         ax.set_yscale("log")
         ax.grid(alpha=0.3, axis="y", which="both")
     axes[0].legend(fontsize=8)
-    fig.suptitle(_title(records, "TTFT and TPOT by concurrency"))
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path, _title(records, "TTFT and TPOT by concurrency"))
 
 
 def bursty_modes(records: list[dict], path: Path) -> Path | None:
@@ -129,11 +129,7 @@ def bursty_modes(records: list[dict], path: Path) -> Path | None:
         )
         ax.legend(fontsize=7, loc="upper right")
     axes[-1, 0].set_xlabel("time (s, idle stretches skipped)")
-    fig.suptitle(_title(records, "mode of every step over the bursty trace"))
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path, _title(records, "mode of every step over the bursty trace"))
 
 
 def long_prompt_ttft(records: list[dict], path: Path) -> Path | None:
@@ -152,11 +148,7 @@ def long_prompt_ttft(records: list[dict], path: Path) -> Path | None:
     ax.set_ylabel("TTFT p50 (ms)")
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
-    fig.suptitle(_title(records, "time to first token"), fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path, _title(records, "time to first token"), fontsize=10)
 
 
 def plot_all(records: list[dict], out: Path) -> list[Path]:
