@@ -202,10 +202,7 @@ class Engine:
         return self.scheduler.has_work
 
     def pick_mode(self, num_tokens: int) -> str:
-        threshold = self.shift.threshold if self.threshold is None else self.threshold
-        if self.mode == "auto":
-            return "tp" if num_tokens <= threshold else "sp"
-        return self.mode
+        return self.shift.pick_mode(num_tokens, self.mode, self.threshold)
 
     # -- the loop -----------------------------------------------------------------------------------------
     def step(self) -> list[tuple[int, int]]:

@@ -61,11 +61,14 @@ class ShiftModel(nn.Module):
         self.threshold = threshold
         self.mode = "auto"
 
-    def pick_mode(self, num_tokens: int, mode: str | None = None) -> str:
-        """The switch: a step of at most ``threshold`` tokens runs in TP mode, a larger one in SP mode."""
+    def pick_mode(self, num_tokens: int, mode: str | None = None, threshold: int | None = None) -> str:
+        """The switch: a step of at most ``threshold`` tokens runs in TP mode, a larger one in SP mode.
+
+        ``mode`` and ``threshold`` override the model's own (``None`` keeps them).
+        """
         mode = check_mode(mode or self.mode)
         if mode == "auto":
-            return "tp" if num_tokens <= self.threshold else "sp"
+            return "tp" if num_tokens <= (self.threshold if threshold is None else threshold) else "sp"
         return mode
 
     def hidden(
