@@ -54,7 +54,7 @@ def _kv_after_prefill(tp: int, sp: int, kv_heads: int) -> float:
         cache = PagedKVCache(len(inner.layers), 4, 8, attn.heads.kv_per_chunk, attn.heads.head_dim, torch.float64, inner.mesh.device)
         n = 13  # not a multiple of sp: SP mode pads
         batch = AttentionBatch(
-            seq_idx=torch.zeros(n, dtype=torch.long), query_pos=torch.arange(n), write_slots=torch.arange(n),
+            query_pos=torch.arange(n), write_slots=torch.arange(n),
             block_tables=torch.tensor([[0, 1]], dtype=torch.int32), block_size=8,
             context_lens=torch.tensor([n], dtype=torch.int32), query_start=[0, n], context_lens_host=[n],
         )

@@ -19,10 +19,9 @@ class AttentionBatch:
     """What attention needs to know about one step, identical on every rank.
 
     Tokens of sequence ``b`` occupy rows ``query_start[b]:query_start[b + 1]`` of the step; rows past
-    ``query_start[-1]`` are padding (``seq_idx == -1``), written to the cache's trash slot and never attended.
+    ``query_start[-1]`` are padding, written to the cache's trash slot and never attended.
     """
 
-    seq_idx: torch.Tensor  # (N,) sequence of each token, -1 for padding
     query_pos: torch.Tensor  # (N,) index of each token within its sequence's context (causal order)
     write_slots: torch.Tensor  # (N,) cache slot that receives the token's K/V
     block_tables: torch.Tensor  # (B, M) int32: cache block holding context indices [j*bs, (j+1)*bs)
@@ -35,7 +34,7 @@ class AttentionBatch:
 
     @property
     def num_tokens(self) -> int:
-        return self.seq_idx.shape[0]
+        return self.query_pos.shape[0]
 
     def padded(self, n: int, trash_slot: int = 0) -> AttentionBatch:
         """The same batch with ``n - num_tokens`` padding rows appended, as empty sequences of their own."""
@@ -48,7 +47,6 @@ class AttentionBatch:
 
         return replace(
             self,
-            seq_idx=pad(self.seq_idx, -1),
             query_pos=pad(self.query_pos, 0),
             write_slots=pad(self.write_slots, trash_slot),
             block_tables=pad(self.block_tables, 0),
@@ -62,7 +60,6 @@ class AttentionBatch:
         """Full causal sequences with no cache: the step's own tokens are the keys (slot = row)."""
         rows = torch.arange(batch * seq_len, device=device)
         return cls(
-            seq_idx=rows // seq_len,
             query_pos=rows % seq_len,
             write_slots=rows,
             block_tables=torch.arange(batch, device=device, dtype=torch.int32)[:, None],

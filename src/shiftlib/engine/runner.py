@@ -44,29 +44,26 @@ class Runner:
     def inputs(self, plan: StepPlan) -> tuple[torch.Tensor, torch.Tensor, AttentionBatch, torch.Tensor, list[Sequence]]:
         """Host-side lists for the whole step, moved to the device in one go per tensor."""
         bs = self.cache.block_size
-        tokens, positions, seq_idx, slots, rows, sampled = [], [], [], [], [], []
+        tokens, positions, slots, rows, sampled = [], [], [], [], []
         query_start, context_lens = [0], []
+        tables = np.zeros((len(plan.work), max(len(seq.blocks) for seq, _ in plan.work)), dtype=np.int32)
         for b, (seq, n) in enumerate(plan.work):
+            tables[b, : len(seq.blocks)] = seq.blocks
             start = seq.num_cached
             tokens += seq.token_slice(start, start + n)
             positions += range(start, start + n)
-            seq_idx += [b] * n
             slots += [seq.blocks[p // bs] * bs + p % bs for p in range(start, start + n)]
             query_start.append(query_start[-1] + n)
             context_lens.append(start + n)
             if start + n == seq.num_tokens:  # all known tokens are in: sample the next one
                 rows.append(query_start[-1] - 1)
                 sampled.append(seq)
-        tables = np.zeros((len(plan.work), max(len(seq.blocks) for seq, _ in plan.work)), dtype=np.int32)
-        for b, (seq, _) in enumerate(plan.work):
-            tables[b, : len(seq.blocks)] = seq.blocks
 
         def dev(x, dtype=torch.long) -> torch.Tensor:
             return torch.as_tensor(x, dtype=dtype).to(self.device, non_blocking=True)
 
         pos = dev(positions)
         batch = AttentionBatch(
-            seq_idx=dev(seq_idx),
             query_pos=pos,
             write_slots=dev(slots),
             block_tables=dev(tables, torch.int32),
@@ -110,7 +107,6 @@ class Runner:
     def _capture(self, mode: str, bucket: int, width: int) -> _Graph:
         s = self.static
         batch = AttentionBatch(
-            seq_idx=torch.arange(bucket, device=self.device),
             query_pos=s["positions"][:bucket],
             write_slots=s["write_slots"][:bucket],
             block_tables=s["block_tables"][:bucket, :width],
