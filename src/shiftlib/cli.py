@@ -221,8 +221,8 @@ def describe(config, tp: int, sp: int, dtype, block_size: int) -> str:
     from shiftlib.plan import sliding_window
 
     P, D = tp * sp, config.hidden_size
-    d = getattr(config, "head_dim", None) or D // config.num_attention_heads
-    heads = HeadMap(config.num_attention_heads, config.num_key_value_heads, d, P)
+    heads = HeadMap.from_config(config, P)
+    d = heads.head_dim
     param_bytes = parameter_bytes_per_rank(config, tp, sp, dtype)
     block = PagedKVCache.bytes_per_block(config.num_hidden_layers, block_size, heads.kv_per_chunk, d, dtype)
     arch = (getattr(config, "architectures", None) or [type(config).__name__])[0]

@@ -308,8 +308,7 @@ def _prepare(directory: Path, mesh: DeviceMesh, dtype: str | torch.dtype | None)
     if dtype is None:
         dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
     dtype = resolve_dtype(dtype, device)
-    HeadMap(config.num_attention_heads, config.num_key_value_heads,
-            getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads, mesh.size())
+    HeadMap.from_config(config, mesh.size())  # head counts the mesh cannot split fail here, before any weight
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
     if (directory / "generation_config.json").is_file():
@@ -459,8 +458,7 @@ def parameter_bytes_per_rank(config, tp: int, sp: int, dtype: torch.dtype) -> in
         >>> parameter_bytes_per_rank(AutoConfig.from_pretrained(path), tp=2, sp=2, dtype=torch.bfloat16)
     """
     P, D, V, I = tp * sp, config.hidden_size, config.vocab_size, config.intermediate_size
-    heads = HeadMap(config.num_attention_heads, config.num_key_value_heads,
-                    getattr(config, "head_dim", None) or D // config.num_attention_heads, P)
+    heads = HeadMap.from_config(config, P)
     d = heads.head_dim
     qkv_rows = sp * (heads.q_per_chunk + 2 * heads.kv_per_chunk) * d
     attn = qkv_rows * D + sp * heads.q_per_chunk * d * D

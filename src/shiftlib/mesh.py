@@ -200,6 +200,12 @@ class HeadMap:
                 f"heads (K % P == 0) or an exact share of a replicated one (P % K == 0)"
             )
 
+    @classmethod
+    def from_config(cls, config, world: int) -> HeadMap:
+        """The head map of a Hugging Face config on ``world`` ranks (``head_dim`` defaults to hidden / heads)."""
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        return cls(config.num_attention_heads, config.num_key_value_heads, head_dim, world)
+
     @property
     def q_per_chunk(self) -> int:
         return self.num_heads // self.world

@@ -97,12 +97,7 @@ def build(model: nn.Module, mesh: DeviceMesh, threshold: int, get: Source, dtype
     config = model.config
     sm = ShiftMesh.from_device_mesh(mesh)
     D, V = config.hidden_size, config.vocab_size
-    heads = HeadMap(
-        config.num_attention_heads,
-        config.num_key_value_heads,
-        getattr(config, "head_dim", None) or D // config.num_attention_heads,
-        sm.world,
-    )
+    heads = HeadMap.from_config(config, sm.world)
 
     def under(prefix: str) -> Source:
         return lambda name: get(prefix + name)
