@@ -169,12 +169,17 @@ BAD_COMMANDS = {
     "mesh larger than the world": ([], "--tp 2 --sp 1", "does not match the world size 1"),
     "no prompts": ([], "", "no prompts: pass --prompt"),
     "missing prompts file": ([], "--prompts-file /nonexistent.jsonl", "cannot read --prompts-file /nonexistent.jsonl"),
-    "negative max-new-tokens": ([], "--max-new-tokens -1", "max_new_tokens must be >= 0, got -1"),
+    "negative max-new-tokens": ([], "--max-new-tokens -1", "argument --max-new-tokens: must be >= 0, got -1"),
     "no tokenizer": ([_without("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")], "",
                      "has no tokenizer"),
     "chat without a template": ([_without("chat_template.jinja")], "--chat", "has no chat template"),
     "cuda without a GPU": ([], "--device cuda", "torch sees no CUDA device"),
-    "bad sampling value": ([], "--temperature -1", "temperature must be >= 0"),
+    "bad sampling value": ([], "--temperature -1", "argument --temperature: must be >= 0.0, got -1"),
+    "bad top-p": ([], "--top-p 1.5", "top_p must be in \\(0, 1\\], got 1.5"),
+    "prompt longer than the context": ([], "--max-new-tokens 100000", "prompt 0 \\(3 tokens\\) \\+ --max-new-tokens 100000 exceeds "
+                                       "the model's context"),
+    "prompt longer than the cache": ([], "--num-blocks 1 --block-size 4", "prompt 0 \\(3 tokens\\) \\+ --max-new-tokens 32 exceeds "
+                                     "the KV cache of 4 tokens: raise --num-blocks"),
 }
 
 

@@ -1,7 +1,7 @@
 """Write a small Hugging Face checkpoint (sharded safetensors + tokenizer + chat template) without any download.
 
 ``shiftlib generate --model tiny`` runs on this: the weights are random (seeded), the tokenizer is a byte-level
-BPE trained here on a fixed text, so the whole path a real checkpoint takes (sharded index, tokenizer, chat
+BPE trained here on a fixed text, over printable ASCII only, so the whole path a real checkpoint takes (sharded index, tokenizer, chat
 template, EOS) is exercised on any machine.
 """
 
@@ -16,8 +16,8 @@ from transformers.utils import logging as hf_logging
 
 from shiftlib.presets import random_model, tiny_config
 
-TINY_VOCAB = 320  # divisible by every P up to 8 (vocab-parallel layers need equal shards)
-TINY_NAME = "tiny-v1"  # bump when the content changes, so stale caches are not reused
+TINY_VOCAB = 256  # divisible by every P up to 8 (vocab-parallel layers need equal shards)
+TINY_NAME = "tiny-v2"  # bump when the content changes, so stale caches are not reused
 SPECIAL_TOKENS = ["<s>", "</s>", "<pad>", "<|system|>", "<|user|>", "<|assistant|>"]
 CHAT_TEMPLATE = (
     "{{ bos_token }}{% for message in messages %}<|{{ message['role'] }}|>\n{{ message['content'] }}{{ eos_token }}\n"
@@ -35,7 +35,8 @@ Hello, world! The model reads a prompt, writes one token at a time, and stops at
 def tiny_tokenizer(vocab_size: int = TINY_VOCAB):
     """A byte-level BPE tokenizer with BOS/EOS/PAD, role tokens and a chat template, built locally.
 
-    Byte-level means every string encodes (no unknown tokens), so any prompt works with the tiny model.
+    Its base alphabet is printable ASCII and newline: a random model samples any token, and none of them may
+    print control bytes or broken UTF-8 on a terminal. Other characters in a prompt are dropped.
 
     Args:
         vocab_size: exact size of the vocabulary (256 bytes + special tokens + learned merges).
@@ -56,10 +57,10 @@ def tiny_tokenizer(vocab_size: int = TINY_VOCAB):
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
+    printable = "".join(map(chr, range(32, 127))) + "\n"
+    alphabet = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False).pre_tokenize_str(printable)[0][0]
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, initial_alphabet=list(alphabet),
+                                  limit_alphabet=len(alphabet), show_progress=False)
     tok.train_from_iterator([_CORPUS], trainer)
     if tok.get_vocab_size() != vocab_size:
         raise ValueError(f"the tiny tokenizer's training text gives {tok.get_vocab_size()} tokens, not {vocab_size}: "
@@ -129,7 +130,7 @@ def tiny_checkpoint(home: str | os.PathLike | None = None) -> Path:
         home: cache root; default :func:`default_home`.
 
     Returns:
-        The checkpoint directory (``<home>/tiny-v1``).
+        The checkpoint directory (``<home>/tiny-v2``).
 
     Raises:
         FileNotFoundError: in a process group, rank 0 wrote it but this rank cannot see it (``home`` is not on

@@ -19,11 +19,13 @@ import importlib
 import json
 import os
 import sys
+import traceback
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
 EXIT_USAGE = 2
+EXIT_FAILURE = 1
 TINY = "tiny"
 
 
@@ -47,7 +49,21 @@ def user_errors() -> Iterator[None]:
         raise UserError(str(e)) from None
 
 
+class _HelpFormatter(argparse.HelpFormatter):
+    """Every option's help ends with its default, where it has one."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        help_text = action.help or ""
+        if action.default not in (None, False, [], argparse.SUPPRESS) and "default" not in help_text:
+            help_text += " (default: %(default)s)"
+        return help_text
+
+
 class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        super().__init__(*args, **kwargs)
+
     def error(self, message: str) -> None:  # one line, not usage + message
         raise UserError(f"{message} (see `{self.prog} --help`)")
 
@@ -63,13 +79,65 @@ def _world() -> int:
 # -- shared pieces -----------------------------------------------------------------------------------------
 
 
+def _at_least(low: float, kind=int):
+    """An argparse type: ``kind`` values below ``low`` are an error that names the flag (argparse adds it)."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {text!r}")
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {text}")
+        return value
+    parse.__name__ = kind.__name__
+    return parse
+
+
 def _add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True,
                    help=f"a Hugging Face model directory, or '{TINY}' for the built-in tiny checkpoint (written on "
                         f"first use under $SHIFTLIB_HOME or ~/.cache/shiftlib; use ./{TINY} for a directory so named)")
-    p.add_argument("--tp", type=int, default=None, help="tensor-parallel size of SP mode (default: world size / sp)")
-    p.add_argument("--sp", type=int, default=1, help="Ulysses sequence-parallel size (default 1)")
+    p.add_argument("--tp", type=_at_least(1), default=None,
+                   help="tensor-parallel size of SP mode (default: world size / sp)")
+    p.add_argument("--sp", type=_at_least(1), default=1, help="Ulysses sequence-parallel size")
     p.add_argument("--dtype", default=None, help="float32, bfloat16, float16 or float64 (default: the checkpoint's)")
+
+
+def add_engine_arguments(p: argparse.ArgumentParser) -> None:
+    """The options of :class:`shiftlib.Engine` that every command running the engine takes."""
+    p.add_argument("--threshold", type=_at_least(0), default=256, help="steps of at most this many tokens run in TP mode")
+    p.add_argument("--mode", default="auto", choices=("auto", "tp", "sp"), help="force one mode")
+    p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda when available")
+    p.add_argument("--max-num-seqs", type=_at_least(1), default=256, help="requests running at once")
+    p.add_argument("--max-num-tokens", type=_at_least(1), default=4096,
+                   help="token budget of one step (prompts are prefilled in chunks of at most this)")
+    p.add_argument("--block-size", type=_at_least(1), default=16, help="tokens per KV-cache block")
+    p.add_argument("--num-blocks", type=_at_least(1), default=None,
+                   help="KV-cache blocks per rank (default: --memory-fraction of free GPU memory; 1024 on CPU)")
+    p.add_argument("--memory-fraction", type=_at_least(0.0, float), default=0.9,
+                   help="share of free GPU memory the KV cache may take")
+    p.add_argument("--dist-timeout", type=_at_least(1.0, float), default=None,
+                   help="seconds a rank waits for its peers in a collective before it gives up and exits non-zero "
+                        "(default 600; bounds the wait on a frozen peer, a dead one is noticed at once)")
+
+
+def engine_kwargs(args) -> dict:
+    """The :class:`shiftlib.Engine` keywords of :func:`add_engine_arguments`' options."""
+    return dict(mode=args.mode, max_num_seqs=args.max_num_seqs, max_num_tokens=args.max_num_tokens,
+                block_size=args.block_size, num_blocks=args.num_blocks, memory_fraction=args.memory_fraction)
+
+
+def pick_device(args) -> str:
+    """``--device``, checked against what torch sees on this rank."""
+    import torch
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda, but torch sees no CUDA device: use --device cpu")
+    if device == "cuda" and int(os.environ.get("LOCAL_RANK", "0")) >= torch.cuda.device_count():
+        raise UserError(f"rank {_rank()} has local rank {os.environ.get('LOCAL_RANK')} but only "
+                        f"{torch.cuda.device_count()} GPUs are visible: lower --nproc-per-node", shared=False)
+    return device
 
 
 def _model_dir(name: str) -> Path:
@@ -81,8 +149,6 @@ def _model_dir(name: str) -> Path:
 
 
 def _mesh_shape(args) -> tuple[int, int]:
-    if args.sp < 1 or (args.tp is not None and args.tp < 1):
-        raise UserError(f"--tp and --sp must be positive, got --tp {args.tp} --sp {args.sp}")
     tp = args.tp if args.tp is not None else max(_world() // args.sp, 1)
     return tp, args.sp
 
@@ -92,18 +158,16 @@ def _mesh_shape(args) -> tuple[int, int]:
 
 def _add_generate(p: argparse.ArgumentParser) -> None:
     _add_model_arguments(p)
-    p.add_argument("--threshold", type=int, default=256, help="steps of at most this many tokens run in TP mode")
-    p.add_argument("--mode", default="auto", choices=("auto", "tp", "sp"), help="force one mode (default auto)")
+    add_engine_arguments(p)
     p.add_argument("--prompt", action="append", default=[], help="a prompt (repeat for several)")
     p.add_argument("--prompts-file", type=Path,
                    help="JSONL: one prompt per line, a JSON string or {\"prompt\": ...} or {\"messages\": [...]}")
     p.add_argument("--chat", action="store_true", help="wrap each prompt as a user message in the chat template")
-    p.add_argument("--max-new-tokens", type=int, default=32)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--max-new-tokens", type=_at_least(0), default=32, help="new tokens per prompt at most")
+    p.add_argument("--temperature", type=_at_least(0.0, float), default=0.0, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass, in (0, 1]; 1 disables it")
+    p.add_argument("--top-k", type=_at_least(0), default=0, help="sample among the k most likely tokens; 0 disables it")
     p.add_argument("--seed", type=int, default=None, help="sampling seed (prompt i uses seed + i)")
-    p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda when available")
     p.add_argument("--output", type=Path, help="write the completions as JSONL here instead of printing them")
     p.set_defaults(func=run_generate)
 
@@ -160,30 +224,40 @@ def encode_prompts(tokenizer, prompts: list[str | list[dict]], chat: bool, model
     return ids
 
 
-def run_generate(args) -> int:
-    import torch
+def check_lengths(ids: list[list[int]], max_new_tokens: int, config, num_blocks: int | None, block_size: int) -> None:
+    """Refuse, before any weight is loaded, a prompt that cannot fit the model's context or a known cache size."""
+    context = config.max_position_embeddings
+    capacity = (num_blocks or 0) * block_size
+    for i, prompt in enumerate(ids):
+        total = len(prompt) + max_new_tokens
+        if total > context:
+            raise UserError(f"prompt {i} ({len(prompt)} tokens) + --max-new-tokens {max_new_tokens} exceeds the "
+                            f"model's context of {context} tokens: shorten the prompt or lower --max-new-tokens")
+        if num_blocks is not None and total > capacity:
+            raise UserError(f"prompt {i} ({len(prompt)} tokens) + --max-new-tokens {max_new_tokens} exceeds the KV "
+                            f"cache of {capacity} tokens: raise --num-blocks or --block-size, or shorten the prompt")
 
+
+def run_generate(args) -> int:
     import shiftlib
+    from shiftlib.engine.engine import CPU_DEFAULT_BLOCKS
     from shiftlib.loading import _load_tokenizer, _read_config
 
     tp, sp = _mesh_shape(args)
     prompts = read_prompts(args)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda, but torch sees no CUDA device: use --device cpu")
-    if device == "cuda" and int(os.environ.get("LOCAL_RANK", "0")) >= torch.cuda.device_count():
-        raise UserError(f"rank {_rank()} has local rank {os.environ.get('LOCAL_RANK')} but only "
-                        f"{torch.cuda.device_count()} GPUs are visible: lower --nproc-per-node", shared=False)
+    device = pick_device(args)
     model_dir = _model_dir(args.model)
     with user_errors():  # everything cheap first, so a mistake costs no weight loading
         shiftlib.SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                                 top_k=args.top_k)
-        _read_config(model_dir)
+        config = _read_config(model_dir)
         ids = encode_prompts(_load_tokenizer(model_dir), prompts, args.chat, model_dir)
-        mesh = shiftlib.init_mesh(tp, sp, device)
+        known_blocks = args.num_blocks or (CPU_DEFAULT_BLOCKS if device == "cpu" else None)  # GPU: sized after loading
+        check_lengths(ids, args.max_new_tokens, config, known_blocks, args.block_size)
+        mesh = shiftlib.init_mesh(tp, sp, device, timeout_s=args.dist_timeout)
         model = shiftlib.from_pretrained(model_dir, mesh, dtype=args.dtype, threshold=args.threshold)
         outputs = shiftlib.generate(model, ids, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                                    top_p=args.top_p, top_k=args.top_k, seed=args.seed, mode=args.mode)
+                                    top_p=args.top_p, top_k=args.top_k, seed=args.seed, **engine_kwargs(args))
     tokenizer = model.tokenizer
     texts = [tokenizer.decode(o, skip_special_tokens=True) for o in outputs]
     if _rank() == 0:
@@ -205,7 +279,7 @@ def run_generate(args) -> int:
 
 def _add_info(p: argparse.ArgumentParser) -> None:
     _add_model_arguments(p)
-    p.add_argument("--block-size", type=int, default=16, help="tokens per KV-cache block (default 16)")
+    p.add_argument("--block-size", type=_at_least(1), default=16, help="tokens per KV-cache block")
     p.set_defaults(func=run_info)
 
 
@@ -235,8 +309,9 @@ def describe(config, tp: int, sp: int, dtype, block_size: int) -> str:
         f"mesh    tp={tp} x sp={sp} = {P} ranks (launch with torchrun --nproc-per-node {P}); the rank at (t, s) is "
         f"global rank t*sp+s and owns head chunk c = t*sp+s in both modes",
         "",
-        "heads   attention (TP and SP mode alike) runs chunk c's heads over all tokens; SP mode projects the",
-        "        N/sp tokens of the rank for its tp shard's heads (chunks t*sp .. t*sp+sp-1), TP mode for chunk c's",
+        "heads   attention (TP and SP mode alike) runs chunk c's heads over all tokens. The projections differ:",
+        "        SP mode projects the rank's N/sp tokens for all heads of its tp shard (chunks t*sp .. t*sp+sp-1);",
+        "        TP mode projects all N tokens for chunk c's heads alone.",
     ]
     if heads.num_kv_heads < P:
         lines.append(f"        {heads.num_kv_heads} KV heads < {P} ranks: each KV head is stored on "
@@ -275,8 +350,6 @@ def run_info(args) -> int:
     from shiftlib.loading import _read_config, resolve_dtype
 
     tp, sp = _mesh_shape(args)
-    if args.block_size < 1:
-        raise UserError(f"--block-size must be >= 1, got {args.block_size}")
     with user_errors():
         config = _read_config(_model_dir(args.model))
         dtype = resolve_dtype(args.dtype or getattr(config, "dtype", None), torch.device("cpu"))
@@ -331,13 +404,18 @@ def main(argv: list[str] | None = None) -> int:
         argv = sys.argv[1:] if argv is None else list(argv)
         args = build_parser().parse_args(argv)
         args.argv = argv  # what was asked for, recorded by the benchmarks
-        code = args.func(args)
+        code, orderly = args.func(args), True
     except UserError as e:
         if not e.shared or _rank() == 0:
             prefix = "" if e.shared else f"rank {_rank()}: "
             print(f"shiftlib: error: {prefix}{e}", file=sys.stderr)
-        return _exit(EXIT_USAGE, owns_group)
-    return _exit(code, owns_group)
+        code, orderly = EXIT_USAGE, e.shared
+    except Exception:
+        if not owns_group:
+            raise  # the caller's process (a test, a notebook) gets the exception itself
+        traceback.print_exc()
+        code, orderly = EXIT_FAILURE, False
+    return _exit(code, owns_group, orderly)
 
 
 def _dist_initialized() -> bool:
@@ -348,15 +426,28 @@ def _dist_initialized() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
-def _exit(code: int, owns_group: bool) -> int:
-    """Leave the process group we made; after an error with peers, leave the process at once instead."""
+def _exit(code: int, owns_group: bool, orderly: bool) -> int:
+    """Tear down the process group this command made.
+
+    ``orderly``: every rank reached the same end (success, or a mistake all ranks found), so all drain and destroy
+    their groups together (:func:`shiftlib.mesh.shutdown`). Otherwise this rank alone failed: its peers may be
+    dead, or blocked in a collective that waits for it, and a teardown that synchronizes would wait for them.
+
+    A failing rank with peers then leaves at once (``os._exit``, after flushing its output; any collective is
+    drained or can never complete, so nothing is lost): torchrun stops every rank when the first one exits
+    non-zero, so ranks that share an error must exit together to all report its code, and the closed sockets of
+    a rank that failed alone make each peer's pending collective fail, so they exit non-zero too.
+    """
     if owns_group and _dist_initialized():
         import torch.distributed as dist
 
-        if code != 0 and dist.get_world_size() > 1:
-            # Peers may already be gone: skip the communicator teardown (and its possible wait) entirely.
+        from shiftlib.mesh import shutdown
+
+        peers = dist.get_world_size() > 1
+        if orderly:
+            shutdown()
+        if code != 0 and peers:
             sys.stdout.flush()
             sys.stderr.flush()
             os._exit(code)
-        dist.destroy_process_group()
     return code

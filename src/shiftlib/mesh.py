@@ -6,13 +6,14 @@ chunks in *both* modes. That single rule is what lets one paged KV cache serve T
 
 from __future__ import annotations
 
+import atexit
 import os
+import sys
 from dataclasses import dataclass, field
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
-import torch.distributed._functional_collectives as funcol
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
@@ -23,12 +24,17 @@ def _default_device_type() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def ensure_process_group(device_type: str, timeout_s: float = 600.0) -> None:
+DIST_TIMEOUT_S = 600.0
+
+
+def ensure_process_group(device_type: str, timeout_s: float = DIST_TIMEOUT_S) -> None:
     """Join torchrun's process group, or make a one-rank group for a plain ``python`` run.
 
-    A finite timeout bounds how long a rank waits for a peer that died, so a failure elsewhere never
-    leaves this rank hanging forever.
+    A finite timeout bounds how long a rank waits for a frozen peer (a dead one is noticed at once: its sockets
+    close), so a failure elsewhere never leaves this rank hanging forever. A group made here is torn down by
+    :func:`shutdown` at exit.
     """
+    global _owns_group
     if dist.is_initialized():
         return
     backend = "nccl" if device_type == "cuda" else "gloo"
@@ -39,9 +45,56 @@ def ensure_process_group(device_type: str, timeout_s: float = 600.0) -> None:
         dist.init_process_group(backend, timeout=timeout)
     else:
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
+    _owns_group = True
+    _watch_for_failure()
 
 
-def init_mesh(tp: int, sp: int, device_type: str | None = None) -> DeviceMesh:
+# Teardown. A gloo worker thread drops its reference to a collective's tensors only after the collective has
+# completed, and that last decref takes the GIL. If the interpreter is already finalizing when it does, the thread
+# exits inside C++ and the process dies with SIGABRT ("terminate called without an active exception") after its
+# work is done. So before the interpreter shuts down, every group shiftlib used is drained: a barrier (which
+# carries no tensors, and waits with the GIL released) queued behind the last collective of each group.
+_owns_group = False
+_groups: dict[str, None] = {}  # names of the groups collectives ran on, in first-use order (the same on every rank)
+_failed = False
+
+
+def _watch_for_failure() -> None:
+    """Skip the drain after an uncaught exception: peers may be gone, and a barrier would wait for them."""
+    previous = sys.excepthook
+
+    def hook(*exc_info) -> None:
+        global _failed
+        _failed = True
+        previous(*exc_info)
+
+    sys.excepthook = hook
+    atexit.register(shutdown)
+
+
+def shutdown() -> None:
+    """Finish this process's distributed work in order; called at exit for a group shiftlib made.
+
+    Drains every process group shiftlib ran collectives on (so no worker thread still holds a tensor when the
+    interpreter shuts down), then destroys the process group if :func:`init_mesh` created it; a group the caller
+    made is left to the caller. Every rank must call it (it synchronizes); it is a no-op when there is no group,
+    and after an uncaught exception only the local teardown runs.
+    """
+    global _owns_group
+    if not dist.is_initialized():
+        return
+    if not _failed:
+        for name in [dist.group.WORLD.group_name, *_groups]:
+            group = dist.distributed_c10d._resolve_process_group(name)
+            dist.barrier(group=group)
+            dist.barrier(group=group)  # gloo runs two workers per group: one barrier each
+    _groups.clear()
+    if _owns_group:
+        _owns_group = False
+        dist.destroy_process_group()
+
+
+def init_mesh(tp: int, sp: int, device_type: str | None = None, timeout_s: float | None = None) -> DeviceMesh:
     """Build the 2-D ``("tp", "sp")`` mesh over the default process group.
 
     ``sp`` is the inner dimension, so the global rank of mesh coordinate (t, s) is ``t * sp + s``: the head
@@ -52,6 +105,8 @@ def init_mesh(tp: int, sp: int, device_type: str | None = None) -> DeviceMesh:
         tp: tensor-parallel size of SP mode (weights are sharded ``tp`` ways).
         sp: Ulysses sequence-parallel size (tokens are split ``sp`` ways in SP mode).
         device_type: ``"cuda"`` or ``"cpu"``; defaults to CUDA when available.
+        timeout_s: how long a rank waits in a collective for a peer before it raises (when the process group is
+            created here; default 600): bounds the wait on a frozen peer.
 
     Returns:
         A ``DeviceMesh`` of shape ``(tp, sp)`` with dims named ``"tp"`` and ``"sp"``.
@@ -65,7 +120,7 @@ def init_mesh(tp: int, sp: int, device_type: str | None = None) -> DeviceMesh:
     if tp < 1 or sp < 1:
         raise ValueError(f"tp and sp must be positive integers, got tp={tp}, sp={sp}")
     device_type = device_type or _default_device_type()
-    ensure_process_group(device_type)
+    ensure_process_group(device_type, timeout_s or DIST_TIMEOUT_S)
     world = dist.get_world_size()
     if tp * sp != world:
         raise ValueError(
@@ -75,12 +130,16 @@ def init_mesh(tp: int, sp: int, device_type: str | None = None) -> DeviceMesh:
     return init_device_mesh(device_type, (tp, sp), mesh_dim_names=MESH_DIMS)
 
 
-# torch 2.13 renamed all_gather_tensor; the GPU machines run 2.11.
-_all_gather = getattr(funcol, "all_gather_single", None) or funcol.all_gather_tensor
+# The functional collective ops themselves, each followed by its wait: what torch.compile traces and a CUDA graph
+# captures. Not the Python wrappers of torch.distributed._functional_collectives: their AsyncCollectiveTensor keeps
+# the process group alive past destroy_process_group(), until interpreter shutdown, where a gloo worker thread that
+# still holds the last step's tensors needs the GIL and the process aborts ("terminate called without an active
+# exception", about one run in ten on loaded CPUs).
+_c10d = torch.ops._c10d_functional
 
 
-def _wait(t: torch.Tensor) -> torch.Tensor:
-    return t.wait() if isinstance(t, funcol.AsyncCollectiveTensor) else t
+def _all_reduce(x: torch.Tensor, op: str, group: str) -> torch.Tensor:
+    return _c10d.wait_tensor(_c10d.all_reduce(x, op, group))
 
 
 @dataclass(frozen=True)
@@ -135,7 +194,11 @@ class ShiftMesh:
         device = torch.device(mesh.device_type, torch.cuda.current_device()) if mesh.device_type == "cuda" else torch.device("cpu")
         if chunk_order is not None:
             chunk_order = chunk_order.to(device)
-        return cls(tp, sp, t, s, name("tp"), name("sp"), name(None), chunk_order, device, mesh)
+        groups = name("tp"), name("sp"), name(None)
+        for group in (groups[2], groups[0], groups[1]):  # the same order of kinds on every rank, for shutdown()
+            if group is not None:
+                _groups.setdefault(group)
+        return cls(tp, sp, t, s, *groups, chunk_order, device, mesh)
 
     def param(self, local: torch.Tensor, shard_dim: int | None) -> torch.nn.Parameter:
         """Wrap a rank's local shard as a DTensor parameter: sharded over ``tp`` on ``shard_dim`` (or
@@ -147,26 +210,28 @@ class ShiftMesh:
     def all_reduce(self, x: torch.Tensor, mode: str) -> torch.Tensor:
         """Sum partial results of a row-parallel layer: over ``tp`` in SP mode, over all ranks in TP mode."""
         group = self.all_group if mode == "tp" else self.tp_group
-        return x if group is None else _wait(funcol.all_reduce(x, "sum", group))
+        return x if group is None else _all_reduce(x, "sum", group)
 
     def reduce_all(self, x: torch.Tensor, op: str) -> torch.Tensor:
         """``op`` ("min", "max", "sum") over every rank of the mesh: how ranks agree on one value."""
-        return x if self.all_group is None else _wait(funcol.all_reduce(x, op, self.all_group))
+        return x if self.all_group is None else _all_reduce(x, op, self.all_group)
 
     def sum_over_sp(self, x: torch.Tensor) -> torch.Tensor:
-        return x if self.sp_group is None else _wait(funcol.all_reduce(x, "sum", self.sp_group))
+        return x if self.sp_group is None else _all_reduce(x, "sum", self.sp_group)
 
     def all_to_all_sp(self, x: torch.Tensor) -> torch.Tensor:
         """Exchange equal slices of dim 0 between the ``sp`` ranks (dim 0 indexes destination, then source)."""
         if self.sp_group is None:
             return x
-        return _wait(funcol.all_to_all_single(x.contiguous(), None, None, self.sp_group))
+        splits = [x.shape[0] // self.sp] * self.sp
+        return _c10d.wait_tensor(_c10d.all_to_all_single(x.contiguous(), splits, splits, self.sp_group))
 
     def gather_chunks(self, x: torch.Tensor) -> torch.Tensor:
         """All-gather each rank's chunk along the last dim, in chunk order (not group-rank order)."""
         if self.all_group is None:
             return x
-        parts = _wait(_all_gather(x.contiguous(), 0, self.all_group)).view(self.world, *x.shape)
+        parts = _c10d.wait_tensor(_c10d.all_gather_into_tensor(x.contiguous(), self.world, self.all_group))
+        parts = parts.view(self.world, *x.shape)
         if self.chunk_order is not None:
             parts = parts[self.chunk_order]
         return parts.movedim(0, -2).flatten(-2)

@@ -164,7 +164,8 @@ class Engine:
         if total > self.cache.capacity_tokens:
             raise ValueError(
                 f"prompt of {len(prompt)} tokens + max_new_tokens={params.max_new_tokens} exceeds the KV cache "
-                f"({self.cache.capacity_tokens} tokens): raise num_blocks or memory_fraction, or shorten the request"
+                f"({self.cache.capacity_tokens} tokens): raise num_blocks or memory_fraction (--num-blocks, --memory-fraction), "
+                f"or shorten the request"
             )
         return prompt
 
