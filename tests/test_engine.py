@@ -20,7 +20,7 @@ def _greedy_matches(world: int) -> list[tuple]:
     """Every family x shape, in modes tp / sp / auto; auto thresholds switch between prefill and decode
     (threshold 8) and in the middle of decoding (threshold 2: three decodes run SP, two or fewer TP)."""
     ps = prompts(LENGTHS)
-    want = [hf_greedy(f, p, NEW) for f in ALL_FAMILIES for p in ps]
+    want = [hf_greedy(f, p, NEW)[: NEW - i] for f in ALL_FAMILIES for i, p in enumerate(ps)]
     mismatches = []
     for tp, sp in SHAPES[world]:
         models = {f: parallel(f, tp, sp) for f in ALL_FAMILIES}
@@ -29,8 +29,7 @@ def _greedy_matches(world: int) -> list[tuple]:
             for f in ALL_FAMILIES:
                 engine = Engine(models[f], num_blocks=32, block_size=4, mode=mode, threshold=threshold)
                 params = [SamplingParams(max_new_tokens=NEW - i) for i in range(len(ps))]  # finish at different steps
-                outs = engine.generate(ps, params)
-                got += [o + w[len(o):] for o, w in zip(outs, want[len(got) : len(got) + len(ps)])]
+                got += engine.generate(ps, params)
                 if mode == "auto":
                     assert {s.mode for s in engine.stats} == {"tp", "sp"}, (f, threshold, engine.stats)
             if got != want:
@@ -43,11 +42,12 @@ def test_greedy_tokens_equal_hugging_face_in_every_mode_mesh_and_family(ranks, w
     assert ranks(world).run(_greedy_matches, world) == [[]] * world
 
 
-def _staggered(tp: int, sp: int, num_blocks: int, block_size: int, budget: int, threshold: int, lengths, arrivals) -> tuple:
+def _staggered(tp: int, sp: int, num_blocks: int, block_size: int, budget: int, threshold: int, lengths, arrivals,
+               family: str = "llama", **overrides) -> tuple:
     """Requests join at different steps; the cache may be too small for all of them (preemption)."""
     ps = prompts(lengths, seed=len(lengths))
-    want = [hf_greedy("llama", p, NEW) for p in ps]
-    model = parallel("llama", tp, sp)
+    want = [hf_greedy(family, p, NEW, **overrides) for p in ps]
+    model = parallel(family, tp, sp, **overrides)
     engine = Engine(model, num_blocks=num_blocks, block_size=block_size, max_num_tokens=budget, threshold=threshold)
     ids, step = {}, 0
     while len(ids) < len(ps) or engine.has_unfinished:
@@ -56,19 +56,71 @@ def _staggered(tp: int, sp: int, num_blocks: int, block_size: int, budget: int, 
                 ids[i] = engine.add_request(ps[i], SamplingParams(max_new_tokens=NEW))
         engine.step()
         step += 1
-    got = [engine.completion(ids[i]).tokens for i in range(len(ps))]
-    return got == want, sum(s.preempted for s in engine.stats), {s.mode for s in engine.stats}
+    done = [engine.completion(ids[i]) for i in range(len(ps))]
+    ok = [c.tokens for c in done] == want and all(c.finish_reason == "length" for c in done)
+    chunked = any(s.num_tokens == budget and s.num_sampled < s.num_seqs for s in engine.stats)
+    return ok, sum(s.preempted for s in engine.stats), {s.mode for s in engine.stats}, chunked
 
 
 def test_staggered_arrivals_give_each_prompt_its_tokens_alone(ranks):
-    for ok, _, modes in ranks(4).run(_staggered, 2, 2, 64, 4, 16, 6, (9, 3, 21, 14), (0, 1, 1, 5)):
+    for ok, _, modes, _ in ranks(4).run(_staggered, 2, 2, 64, 4, 16, 6, (9, 3, 21, 14), (0, 1, 1, 5)):
         assert ok and modes == {"tp", "sp"}
 
 
 def test_preemption_recomputes_without_changing_tokens(ranks):
     # 10 blocks x 4 tokens cannot hold three requests of ~30 tokens: the newest is preempted and recomputed.
-    for ok, preempted, _ in ranks(2).run(_staggered, 1, 2, 10, 4, 12, 6, (20, 25, 22), (0, 0, 2)):
+    for ok, preempted, _, _ in ranks(2).run(_staggered, 1, 2, 10, 4, 12, 6, (20, 25, 22), (0, 0, 2)):
         assert ok and preempted > 0
+
+
+def test_chunked_prefill_and_preemption_cross_sliding_windows(ranks):
+    # Mistral's window is 24: prompts of 30-41 tokens in chunks of 7, in a cache that must preempt.
+    for ok, preempted, modes, chunked in ranks(2).run(_staggered, 2, 1, 16, 4, 7, 6, (30, 41, 27), (0, 0, 3), "mistral"):
+        assert ok and preempted > 0 and chunked and modes == {"tp", "sp"}
+
+
+def test_chunked_prefill_and_preemption_with_fewer_kv_heads_than_ranks(ranks):
+    # 2 KV heads on 4 ranks: each KV head is replicated to two ranks' caches.
+    for ok, preempted, modes, chunked in ranks(4).run(
+        _staggered, 1, 4, 14, 4, 9, 6, (26, 33, 20), (0, 0, 2), "llama", num_key_value_heads=2
+    ):
+        assert ok and preempted > 0 and chunked and modes == {"tp", "sp"}
+
+
+def _stopping(tp: int, sp: int) -> dict:
+    """Each way a request ends, with its tokens and finish reason."""
+    p = prompts((7,))[0]
+    want = hf_greedy("llama", p, NEW)
+    stop = want[3]  # its first occurrence ends the request there, the stop token included
+    model = parallel("llama", tp, sp)
+    engine = Engine(model, num_blocks=16, block_size=4)
+    ids = {
+        "stop_token": engine.add_request(p, SamplingParams(max_new_tokens=NEW, stop_token_ids=(stop,))),
+        "length": engine.add_request(p, SamplingParams(max_new_tokens=5)),
+        "zero": engine.add_request(p, SamplingParams(max_new_tokens=0)),
+    }
+    model.generation_config.eos_token_id = stop
+    with_eos = Engine(model, num_blocks=16, block_size=4)
+    eos_ids = {
+        "eos": with_eos.add_request(p, SamplingParams(max_new_tokens=NEW)),
+        "ignore_eos": with_eos.add_request(p, SamplingParams(max_new_tokens=NEW, ignore_eos=True)),
+    }
+    for e in (engine, with_eos):
+        while e.has_unfinished:
+            e.step()
+    got = {k: engine.completion(i) for k, i in ids.items()} | {k: with_eos.completion(i) for k, i in eos_ids.items()}
+    return {k: (c.tokens, c.finish_reason) for k, c in got.items()} | {"want": want, "stop": stop}
+
+
+def test_requests_stop_on_eos_stop_tokens_and_length_with_exactly_their_tokens(ranks):
+    for got in ranks(2).run(_stopping, 1, 2):
+        want, stop = got["want"], got["stop"]
+        until_stop = want[: want.index(stop) + 1]
+        assert got["stop_token"] == (until_stop, "stop")
+        assert got["eos"] == (until_stop, "stop")
+        assert got["ignore_eos"] == (want, "length")
+        assert got["length"] == (want[:5], "length")
+        assert got["zero"] == ([], "length")
 
 
 @settings(max_examples=10, deadline=None, suppress_health_check=list(HealthCheck))
@@ -85,7 +137,7 @@ def test_any_schedule_gives_hugging_face_tokens(ranks, lengths, block_size, thre
     need = -(-(max(lengths) + NEW) // block_size)
     arrivals = tuple(range(len(lengths)))
     results = ranks(2).run(_staggered, *shape, need + spare_blocks, block_size, budget, threshold, tuple(lengths), arrivals)
-    assert all(ok for ok, _, _ in results)
+    assert all(ok for ok, _, _, _ in results)
 
 
 def _sampled(seed: int | None) -> list[list[int]]:
