@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import shiftlib
 from helpers import ALL_FAMILIES, SHAPES, hf_greedy, parallel, prompts
 from shiftlib import Engine, SamplingParams
-from shiftlib.engine.sampler import top_k_mask, top_p_mask
+from shiftlib.engine.sampler import filter_logits, sample
 
 LENGTHS = (5, 17, 30)
 NEW = 10
@@ -153,17 +153,46 @@ def test_sampling_with_a_seed_is_identical_on_every_rank_and_across_runs(ranks):
     assert unseeded[0] == unseeded[1]  # still the same on every rank
 
 
-def test_top_k_keeps_the_k_largest_logits():
-    logits = torch.tensor([[1.0, 5.0, 3.0, 4.0, 2.0]])
-    assert torch.isfinite(top_k_mask(logits, 2)).tolist() == [[False, True, False, True, False]]
-    assert torch.equal(top_k_mask(logits, 0), logits)
+def _kept_by_sorting(row: torch.Tensor, k: int, p: float) -> set[int]:
+    """The definition, one row at a time: sort, keep the top k, then the smallest prefix whose mass reaches p."""
+    order = row.argsort(descending=True).tolist()[: k or None]
+    probs = row[order].softmax(-1).tolist()
+    kept, mass = [], 0.0
+    for token, prob in zip(order, probs):
+        if mass >= p and kept and p < 1:
+            break
+        kept.append(token)
+        mass += prob
+    return set(kept)
 
 
-def test_top_p_keeps_the_smallest_set_reaching_p():
-    probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
-    kept = torch.isfinite(top_p_mask(probs.log(), 0.75)).tolist()
-    assert kept == [[True, True, False, False]]
-    assert torch.isfinite(top_p_mask(probs.log(), 0.01)).tolist() == [[True, False, False, False]]
+@settings(max_examples=20, deadline=None)
+@given(
+    rows=st.lists(st.tuples(st.integers(0, 40), st.sampled_from([1.0, 0.95, 0.5, 0.1]), st.floats(0.05, 20)), min_size=1, max_size=5),
+    vocab=st.sampled_from([7, 64, 3000]),
+    seed=st.integers(0, 2**16),
+)
+@example(rows=[(0, 0.95, 0.05), (5, 0.5, 3.0), (0, 1.0, 1.0)], vocab=3000, seed=0)
+def test_top_k_and_top_p_keep_the_same_tokens_as_sorting_each_row(rows, vocab, seed):
+    # Sharp and flat rows in one batch: with vocab 3000 a flat row's nucleus reaches past the 1024 candidates.
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.stack([torch.randn(vocab, generator=g, dtype=torch.float64) * spread for _, _, spread in rows])
+    ks, ps = [k for k, _, _ in rows], [p for _, p, _ in rows]
+    kept = torch.isfinite(filter_logits(logits, ks, ps))
+    for row, k, p, mask in zip(logits, ks, ps, kept):
+        assert set(mask.nonzero().flatten().tolist()) == _kept_by_sorting(row, k, p)
+
+
+def test_sampled_tokens_follow_the_filtered_distribution():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(4, 50, generator=g)
+    params = [SamplingParams(temperature=1.0, top_k=1), SamplingParams(), SamplingParams(temperature=1.0, top_k=3),
+              SamplingParams(temperature=0.5, top_p=0.5)]
+    gens = [torch.Generator().manual_seed(i) for i in range(4)]
+    draws = torch.stack([sample(logits, params, gens) for _ in range(400)])
+    assert (draws[:, :2] == logits[:2].argmax(-1)).all()  # top-k 1 and greedy: the argmax
+    assert set(draws[:, 2].tolist()) == set(logits[2].topk(3).indices.tolist())  # all three, nothing else
+    assert set(draws[:, 3].tolist()) <= _kept_by_sorting(logits[3].double() / 0.5, 0, 0.5)
 
 
 def _bad_requests() -> list[str]:

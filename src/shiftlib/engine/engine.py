@@ -173,7 +173,7 @@ class Engine:
         rid = self._next_id
         self._next_id += 1
         seed = params.seed if params.seed is not None else self._base_seed + rid
-        gen = torch.Generator(device=self.shift.mesh.device).manual_seed(seed) if params.temperature > 0 else None
+        gen = torch.Generator().manual_seed(seed) if params.temperature > 0 else None  # CPU: draws never sync
         seq = Sequence(rid, prompt, params, gen)
         self.requests[rid] = seq
         self.scheduler.add(seq)
@@ -218,7 +218,7 @@ class Engine:
         if not plan.work:
             return []
         logits, sampled = self.runner.run(plan)
-        tokens = sample(logits, [s.params for s in sampled], [s.generator for s in sampled]) if sampled else []
+        tokens = sample(logits, [s.params for s in sampled], [s.generator for s in sampled]).tolist() if sampled else []
         now = time.perf_counter()
         for seq, n in plan.work:
             seq.num_cached += n

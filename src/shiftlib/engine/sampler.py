@@ -46,31 +46,56 @@ class SamplingParams:
             raise ValueError(f"top_k must be >= 0 (0 disables it), got {self.top_k}")
 
 
-def top_k_mask(logits: torch.Tensor, k: int) -> torch.Tensor:
-    """Set all but the ``k`` largest logits of each row to -inf (ties at the k-th value are kept)."""
-    if k <= 0 or k >= logits.shape[-1]:
-        return logits
-    kth = logits.topk(k, dim=-1).values[..., -1:]
-    return logits.masked_fill(logits < kth, float("-inf"))
+TOP_P_CANDIDATES = 1024  # top-p alone looks for its cut among this many most likely tokens first
 
 
-def top_p_mask(logits: torch.Tensor, p: float) -> torch.Tensor:
-    """Keep the smallest set of most likely tokens whose probability reaches ``p`` (always at least one)."""
-    if p >= 1:
-        return logits
-    sorted_logits, order = logits.sort(dim=-1, descending=True)
-    probs = sorted_logits.softmax(-1)
-    before = probs.cumsum(-1) - probs  # mass of the tokens ranked above each one
-    drop = before >= p
-    drop[..., 0] = False
-    return logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+def filter_logits(x: torch.Tensor, top_k: list[int], top_p: list[float]) -> torch.Tensor:
+    """Set to -inf, per row of ``x`` (R, V), the logits outside its top-k and then outside its nucleus.
+
+    The nucleus is the smallest set of most likely tokens (after top-k) whose probability reaches ``top_p``;
+    tokens tied with the last one kept are kept too. No full sort for top-k rows (one batched ``topk`` of the
+    largest k); top-p alone takes its cut from the best ``TOP_P_CANDIDATES`` tokens, and sorts the whole
+    vocabulary only for the rows whose candidates hold less than ``top_p`` of the mass.
+    """
+    V, dev = x.shape[-1], x.device
+    k = torch.tensor([kk if 0 < kk < V else V for kk in top_k], device=dev)
+    p = torch.tensor(top_p, dtype=x.dtype, device=dev)
+    widths = [kk if 0 < kk < V else (TOP_P_CANDIDATES if pp < 1 else 0) for kk, pp in zip(top_k, top_p)]
+    if max(widths) == 0:
+        return x
+    cut, short = _cut(x, x.topk(min(max(widths), V), -1).values, k, p)
+    if max(widths) < V and bool(short.any()):  # flat rows: their nucleus reaches past the candidates
+        cut[short] = _cut(x[short], x[short].sort(-1, descending=True).values, k[short], p[short])[0]
+    return x.masked_fill(x < cut[:, None], float("-inf"))
 
 
-def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]) -> list[int]:
-    """One token per row of ``logits`` (R, V); greedy rows take the argmax, sampled rows work in float32."""
-    out = logits.argmax(-1).tolist()
-    for i, p in enumerate(params):
-        if p.temperature > 0:
-            row = top_p_mask(top_k_mask(logits[i : i + 1].float() / p.temperature, p.top_k), p.top_p)
-            out[i] = int(torch.multinomial(row.softmax(-1), 1, generator=generators[i]).item())
-    return out
+def _cut(x, vals, k, p) -> tuple[torch.Tensor, torch.Tensor]:
+    """The smallest logit each row keeps, from its best logits ``vals`` (sorted); and which rows' nucleus
+    may reach past ``vals``."""
+    V, rank = x.shape[-1], torch.arange(vals.shape[-1], device=x.device)
+    in_k = rank < k[:, None]
+    logz = torch.where(k < V, vals.masked_fill(~in_k, float("-inf")).logsumexp(-1), x.logsumexp(-1))
+    probs = (vals - logz[:, None]).exp().masked_fill(~in_k, 0)
+    keep = in_k & ((probs.cumsum(-1) - probs < p[:, None]) | (rank == 0) | (p[:, None] >= 1))
+    cut = vals.masked_fill(~keep, float("inf")).amin(-1)
+    cut = torch.where((k == V) & (p >= 1), float("-inf"), cut)  # nothing to filter in this row
+    return cut, (k == V) & (p < 1) & (probs.sum(-1) < p)
+
+
+def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]) -> torch.Tensor:
+    """One token per row of ``logits`` (R, V), left on the device: greedy rows take the argmax; sampled rows
+    work in float32, all in one batch, by inverting their CDF at a uniform draw from the request's own CPU
+    generator (no per-row kernel, no sync)."""
+    tokens = logits.argmax(-1)
+    hot = [i for i, p in enumerate(params) if p.temperature > 0]
+    if not hot:
+        return tokens
+    dev, ps = logits.device, [params[i] for i in hot]
+    rows = torch.tensor(hot, device=dev)
+    x = logits[rows].float() / torch.tensor([p.temperature for p in ps], device=dev)[:, None]
+    probs = filter_logits(x, [p.top_k for p in ps], [p.top_p for p in ps]).softmax(-1)
+    cdf = probs.cumsum(-1)
+    u = torch.cat([torch.rand(1, dtype=torch.float64, generator=generators[i]) for i in hot]).to(dev)
+    pick = torch.searchsorted(cdf, (u * cdf[:, -1].double()).to(cdf.dtype)[:, None], right=True)[:, 0]
+    last = probs.shape[-1] - 1 - (probs > 0).flip(-1).int().argmax(-1)  # a rounded-up draw stays on a kept token
+    return tokens.index_put((rows,), torch.minimum(pick, last))
