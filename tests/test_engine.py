@@ -10,7 +10,10 @@ from hypothesis import strategies as st
 import shiftlib
 from helpers import ALL_FAMILIES, SHAPES, hf_greedy, parallel, prompts
 from shiftlib import Engine, SamplingParams
+from shiftlib.cache import BlockAllocator
 from shiftlib.engine.sampler import filter_logits, sample
+from shiftlib.engine.scheduler import Scheduler
+from shiftlib.engine.sequence import Sequence, Status
 
 LENGTHS = (5, 17, 30)
 NEW = 10
@@ -43,12 +46,13 @@ def test_greedy_tokens_equal_hugging_face_in_every_mode_mesh_and_family(ranks, w
 
 
 def _staggered(tp: int, sp: int, num_blocks: int, block_size: int, budget: int, threshold: int, lengths, arrivals,
-               family: str = "llama", **overrides) -> tuple:
+               family: str = "llama", prefill: int | None = None, **overrides) -> tuple:
     """Requests join at different steps; the cache may be too small for all of them (preemption)."""
     ps = prompts(lengths, seed=len(lengths))
     want = [hf_greedy(family, p, NEW, **overrides) for p in ps]
     model = parallel(family, tp, sp, **overrides)
-    engine = Engine(model, num_blocks=num_blocks, block_size=block_size, max_num_tokens=budget, threshold=threshold)
+    engine = Engine(model, num_blocks=num_blocks, block_size=block_size, max_num_tokens=budget, threshold=threshold,
+                    max_prefill_tokens=prefill or budget)
     ids, step = {}, 0
     while len(ids) < len(ps) or engine.has_unfinished:
         for i, at in enumerate(arrivals):
@@ -123,20 +127,39 @@ def test_requests_stop_on_eos_stop_tokens_and_length_with_exactly_their_tokens(r
         assert got["zero"] == ([], "length")
 
 
+def test_prefill_chunks_are_capped_while_decodes_run():
+    scheduler = Scheduler(BlockAllocator(64), 4, max_num_tokens=32, max_num_seqs=8, max_prefill_tokens=6)
+    decoding = [Sequence(i, [1, 2], SamplingParams(), None, output=[3]) for i in range(3)]
+    for seq in decoding:
+        seq.num_cached, seq.status, seq.blocks = 2, Status.RUNNING, scheduler.allocator.allocate(1)
+    scheduler.running += decoding
+    long = [Sequence(3, [1] * 40, SamplingParams(), None), Sequence(4, [1] * 40, SamplingParams(), None)]
+    scheduler.waiting.extend(long)
+    plan = scheduler.schedule(lambda n: "tp")
+    assert [(s.id, n) for s, n in plan.work] == [(0, 1), (1, 1), (2, 1), (3, 6)]  # 3 decodes + 6 prefill tokens
+    for seq in decoding:
+        scheduler.finish(seq)
+    long[0].num_cached = 6
+    plan = scheduler.schedule(lambda n: "tp")  # no decodes: the whole budget
+    assert [(s.id, n) for s, n in plan.work] == [(3, 32)]
+
+
 @settings(max_examples=10, deadline=None, suppress_health_check=list(HealthCheck))
 @given(
     lengths=st.lists(st.integers(1, 24), min_size=1, max_size=4),
     block_size=st.sampled_from([1, 2, 4, 16]),
     threshold=st.integers(0, 40),
     budget=st.integers(4, 48),
+    prefill=st.integers(1, 48),
     spare_blocks=st.integers(0, 40),
     shape=st.sampled_from(SHAPES[2]),
 )
-def test_any_schedule_gives_hugging_face_tokens(ranks, lengths, block_size, threshold, budget, spare_blocks, shape):
+def test_any_schedule_gives_hugging_face_tokens(ranks, lengths, block_size, threshold, budget, prefill, spare_blocks, shape):
     # Enough blocks for the longest request alone, plus a random margin: sometimes preemption, never a stall.
     need = -(-(max(lengths) + NEW) // block_size)
     arrivals = tuple(range(len(lengths)))
-    results = ranks(2).run(_staggered, *shape, need + spare_blocks, block_size, budget, threshold, tuple(lengths), arrivals)
+    results = ranks(2).run(_staggered, *shape, need + spare_blocks, block_size, budget, threshold, tuple(lengths), arrivals,
+                           prefill=prefill)
     assert all(ok for ok, _, _, _ in results)
 
 

@@ -63,6 +63,8 @@ class Engine:
             minimum over ranks); on CPU, 1024.
         block_size: tokens per cache block.
         max_num_tokens: token budget of one step (prefills are chunked to fit it).
+        max_prefill_tokens: prefill tokens a step may take while decodes run in it: bounds how long a decode
+            waits behind prefills (TPOT), at some cost in prefill throughput.
         max_num_seqs: requests running at once.
         mode: ``"auto"`` (switch by the step's token count), ``"tp"`` or ``"sp"``.
         threshold: the switch point in tokens; ``None`` keeps the model's.
@@ -89,6 +91,7 @@ class Engine:
         num_blocks: int | None = None,
         block_size: int = 16,
         max_num_tokens: int = 4096,
+        max_prefill_tokens: int = 2048,
         max_num_seqs: int = 256,
         mode: str = "auto",
         threshold: int | None = None,
@@ -105,7 +108,7 @@ class Engine:
         if num_blocks is None:
             num_blocks = self._blocks_from_memory(layers, block_size, kv_heads, head_dim, dtype, memory_fraction)
         self.cache = PagedKVCache(layers, num_blocks, block_size, kv_heads, head_dim, dtype, mesh.device)
-        self.scheduler = Scheduler(BlockAllocator(num_blocks), block_size, max_num_tokens, max_num_seqs)
+        self.scheduler = Scheduler(BlockAllocator(num_blocks), block_size, max_num_tokens, max_num_seqs, max_prefill_tokens)
         self.max_context = config.max_position_embeddings
         # Dynamic-NTK and LongRoPE rescale their frequencies from the positions on the host: not capturable.
         rope = (getattr(config, "rope_parameters", None) or {}).get("rope_type", "default")

@@ -2,7 +2,8 @@
 
 Every rank runs the same scheduler on the same requests, so all ranks reach the same plan (and the same mode)
 without talking. Order of service: decodes first (one token each, latency-critical), then prefills in chunks
-under the step's token budget. When cache blocks run out, the newest running request is preempted: its blocks
+under the step's token budget, and under a smaller prefill budget while decodes run (a long prefill chunk
+would stall every decode of the step: TPOT spikes). When cache blocks run out, the newest running request is preempted: its blocks
 are freed and it is recomputed later from its prompt and the tokens it already produced.
 """
 
@@ -27,11 +28,14 @@ class StepPlan:
 
 
 class Scheduler:
-    def __init__(self, allocator: BlockAllocator, block_size: int, max_num_tokens: int, max_num_seqs: int) -> None:
-        if max_num_tokens < 1 or max_num_seqs < 1:
-            raise ValueError(f"max_num_tokens and max_num_seqs must be >= 1, got {max_num_tokens}, {max_num_seqs}")
+    def __init__(self, allocator: BlockAllocator, block_size: int, max_num_tokens: int, max_num_seqs: int,
+                 max_prefill_tokens: int | None = None) -> None:
+        max_prefill_tokens = max_num_tokens if max_prefill_tokens is None else max_prefill_tokens
+        if min(max_num_tokens, max_num_seqs, max_prefill_tokens) < 1:
+            raise ValueError(f"max_num_tokens, max_num_seqs and max_prefill_tokens must be >= 1, got {max_num_tokens}, "
+                             f"{max_num_seqs}, {max_prefill_tokens}")
         self.allocator, self.block_size = allocator, block_size
-        self.max_num_tokens, self.max_num_seqs = max_num_tokens, max_num_seqs
+        self.max_num_tokens, self.max_num_seqs, self.max_prefill_tokens = max_num_tokens, max_num_seqs, max_prefill_tokens
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
 
@@ -53,13 +57,23 @@ class Scheduler:
 
     def schedule(self, pick_mode) -> StepPlan:
         """Plan one step; ``pick_mode(num_tokens)`` turns the step's token count into ``"tp"`` or ``"sp"``."""
-        budget, work, preempted = self.max_num_tokens, [], 0
+        budget, prefill, work, preempted = self.max_num_tokens, self.max_num_tokens, [], 0
         scheduled: set[int] = set()
+
+        def room(seq: Sequence) -> int:
+            return min(seq.pending, budget, budget if seq.pending == 1 else prefill)
+
+        def take(seq: Sequence, n: int) -> None:
+            nonlocal budget, prefill
+            seq.blocks += self.allocator.allocate(self._blocks_needed(seq, n))
+            work.append((seq, n))
+            budget -= n
+            prefill = min(prefill, self.max_prefill_tokens) if seq.pending == 1 else prefill - n
+
         # Running requests, decodes before prefill chunks, oldest first.
         for seq in sorted(self.running, key=lambda s: (s.pending > 1, s.arrival)):
-            if seq.status is not Status.RUNNING or budget == 0:
+            if seq.status is not Status.RUNNING or (n := room(seq)) == 0:
                 continue
-            n = min(seq.pending, budget)
             while self._blocks_needed(seq, n) > self.allocator.num_free:
                 victim = max((s for s in self.running if s.id not in scheduled), key=lambda s: s.arrival)
                 self._preempt(victim)
@@ -68,22 +82,17 @@ class Scheduler:
                     break
             if seq.status is not Status.RUNNING:
                 continue
-            seq.blocks += self.allocator.allocate(self._blocks_needed(seq, n))
-            work.append((seq, n))
+            take(seq, n)
             scheduled.add(seq.id)
-            budget -= n
         # Admit waiting requests while tokens, sequences and blocks allow (no preemption for newcomers).
-        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+        while self.waiting and len(self.running) < self.max_num_seqs and (n := room(self.waiting[0])) > 0:
             seq = self.waiting[0]
-            n = min(seq.pending, budget)
             if self._blocks_needed(seq, n) > self.allocator.num_free:
                 break
             self.waiting.popleft()
             seq.status = Status.RUNNING
-            seq.blocks += self.allocator.allocate(self._blocks_needed(seq, n))
             self.running.append(seq)
-            work.append((seq, n))
-            budget -= n
+            take(seq, n)
         total = sum(n for _, n in work)
         return StepPlan(work, pick_mode(total) if work else "tp", preempted)
 
