@@ -253,6 +253,39 @@ def test_bad_requests_get_clear_errors_and_the_engine_keeps_serving(ranks):
     ranks(2).run(_bad_requests)
 
 
+def _failing_step(failing_rank: int) -> list[str]:
+    """Rank ``failing_rank`` raises in its third step, after the step's collectives; its peers do not."""
+    import time
+
+    import torch.distributed as dist
+
+    import shiftlib.engine.engine as engine_module
+
+    engine = Engine(parallel("llama", 1, 2), num_blocks=16, block_size=4)
+    engine.add_request(prompts((6,))[0], SamplingParams(max_new_tokens=8))
+    engine.step(), engine.step()
+    real = engine_module.sample
+    if dist.get_rank() == failing_rank:
+        engine_module.sample = lambda *args: (_ for _ in ()).throw(MemoryError("injected"))
+    errors = []
+    try:
+        for _ in range(3):
+            try:
+                engine.step()
+            except (MemoryError, RuntimeError) as exc:
+                errors.append(str(exc))
+            time.sleep(1)  # the failed rank has posted its failure well before its peer looks again
+    finally:
+        engine_module.sample = real
+    return errors
+
+
+def test_a_step_failing_on_one_rank_stops_the_engine_on_every_rank(ranks):
+    peer, failed = ranks(2).run(_failing_step, 1)
+    assert failed[0] == "injected" and len(failed) == 3 and len(peer) == 2
+    assert all("stopped because a step failed on rank 1: MemoryError('injected')" in e for e in failed[1:] + peer)
+
+
 def _static_decode(tp: int, sp: int) -> bool:
     """The CUDA-graph path (static buffers, batch buckets with padding rows, wide block tables), run uncaptured."""
     ps = prompts(LENGTHS)

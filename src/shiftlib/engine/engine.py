@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from shiftlib.cache import BlockAllocator, PagedKVCache
+from shiftlib.engine.failure import Failure
 from shiftlib.engine.runner import Runner
 from shiftlib.engine.sampler import SamplingParams, sample
 from shiftlib.engine.scheduler import Scheduler
@@ -120,6 +121,7 @@ class Engine:
         self._next_id = 0
         # A base seed shared by every rank (the largest of one random draw per rank) for unseeded requests.
         self._base_seed = int(mesh.reduce_all(torch.randint(0, 2**40, (1,), device=mesh.device), "max"))
+        self.failure = Failure(mesh.world, str(self._base_seed))
 
     def _blocks_from_memory(self, layers, block_size, kv_heads, head_dim, dtype, fraction) -> int:
         mesh = self.shift.mesh
@@ -215,13 +217,24 @@ class Engine:
         Returns:
             The ``(request id, token)`` pairs the step produced (empty for a step of prefill chunks only, or
             when nothing is queued).
+
+        Raises:
+            RuntimeError: a step failed before, on this rank or another (see :mod:`shiftlib.engine.failure`).
         """
+        self.failure.check(store=self.shift.mesh.device.type != "cuda")
+        try:
+            return self._step()
+        except BaseException as exc:  # this rank is now out of step: stop here and on every peer
+            self.failure.record(exc)
+            raise
+
+    def _step(self) -> list[tuple[int, int]]:
         start = time.perf_counter()
         plan = self.scheduler.schedule(self.pick_mode)
         if not plan.work:
             return []
         logits, sampled = self.runner.run(plan)
-        tokens = sample(logits, [s.params for s in sampled], [s.generator for s in sampled]).tolist() if sampled else []
+        tokens = self.failure.tolist(sample(logits, [s.params for s in sampled], [s.generator for s in sampled])) if sampled else []
         now = time.perf_counter()
         for seq, n in plan.work:
             seq.num_cached += n
