@@ -286,6 +286,34 @@ def test_a_step_failing_on_one_rank_stops_the_engine_on_every_rank(ranks):
     assert all("stopped because a step failed on rank 1: MemoryError('injected')" in e for e in failed[1:] + peer)
 
 
+def _engines_are_freed() -> list[bool]:
+    import gc
+    import weakref
+
+    model = parallel("llama", 1, 1)
+    shiftlib.generate(model, prompts((4,)), max_new_tokens=2)
+    first = model._shiftlib_engine[1]
+    shiftlib.generate(model, prompts((4,)), max_new_tokens=2)
+    reused = model._shiftlib_engine[1] is first and not first.requests
+    rid = first.add_request(prompts((3,))[0], SamplingParams(max_new_tokens=1))
+    first.step()
+    first.completion(rid)
+    with pytest.raises(ValueError, match="already handed over"):
+        first.completion(rid)
+    shiftlib.generate(model, prompts((4,)), max_new_tokens=2, num_blocks=8)  # other kwargs: a new engine
+    replaced = weakref.ref(first)
+    del first
+    gc.collect()
+    kept = weakref.ref(model), weakref.ref(model._shiftlib_engine[1].cache.data)
+    del model
+    gc.collect()
+    return [reused, replaced() is None] + [r() is None for r in kept]
+
+
+def test_generate_keeps_one_engine_per_model_and_frees_it_with_the_model(ranks):
+    assert ranks(1).run(_engines_are_freed) == [[True] * 4]
+
+
 def _static_decode(tp: int, sp: int) -> bool:
     """The CUDA-graph path (static buffers, batch buckets with padding rows, wide block tables), run uncaptured."""
     ps = prompts(LENGTHS)

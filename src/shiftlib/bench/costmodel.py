@@ -104,12 +104,12 @@ def _decode_ms(engine, batch: int, context: int, steps: int, vocab: int, rng, ma
     stagger = math.ceil(batch * context / max_num_tokens) + 2
     params = SamplingParams(max_new_tokens=stagger + steps + 3, ignore_eos=True)
     ids = [engine.add_request(_prompt(rng, context, vocab), params) for _ in range(batch)]
-    first = len(engine.stats)
+    engine.stats.clear()
     while engine.has_unfinished:
         engine.step()
     for i in ids:
-        engine.requests.pop(i)
-    times = [s.seconds for s in engine.stats[first:] if s.num_seqs == batch and s.num_tokens == batch]
+        engine.completion(i)
+    times = [s.seconds for s in engine.stats if s.num_seqs == batch and s.num_tokens == batch]
     return 1000 * _median_tail(times, 2)
 
 
@@ -124,12 +124,12 @@ def _prefill_ms(engine, tokens: int, context: int, vocab: int, rng, repeats: int
             engine.add_request(_prompt(rng, n, vocab), SamplingParams(max_new_tokens=1, ignore_eos=True))
             for n in lengths
         ]
-        first = len(engine.stats)
+        engine.stats.clear()
         while engine.has_unfinished:
             engine.step()
         for i in ids:
-            engine.requests.pop(i)
-        times += [s.seconds for s in engine.stats[first:] if s.num_tokens == tokens]
+            engine.completion(i)
+        times += [s.seconds for s in engine.stats if s.num_tokens == tokens]
     return 1000 * _median_tail(times, 1)
 
 
@@ -143,7 +143,6 @@ def _ttft_ms(engine, length: int, vocab: int, rng, repeats: int = 2) -> float:
         while engine.has_unfinished:
             engine.step()
         out.append(engine.completion(rid).ttft_s)
-        engine.requests.pop(rid)
     return 1000 * min(out)
 
 

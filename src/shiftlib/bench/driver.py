@@ -85,10 +85,10 @@ def drive(
             if not in_flight:
                 clock.skip_to(pending[0].arrival_s)
                 continue
-        before = len(engine.stats)
+        before = engine.stats[-1] if engine.stats else None
         events = engine.step()
         t = clock.local()
-        if len(engine.stats) > before:
+        if engine.stats and engine.stats[-1] is not before:
             s = engine.stats[-1]
             steps.append(StepRecord(t, s.mode, s.num_tokens, s.num_seqs, s.seconds, s.preempted))
         for rid, _ in events:
@@ -96,8 +96,7 @@ def drive(
             r.output_len += 1
             r.first_token_s = r.first_token_s if r.first_token_s is not None else t
             if r.output_len == wanted[rid]:
-                engine.completion(rid)  # raises if the engine disagrees that it is finished
-                engine.requests.pop(rid)  # keep the engine's table small over long runs
+                engine.completion(rid)  # raises if the engine disagrees that it is finished; then forgets it
                 r.finish_s = t
                 in_flight -= 1
                 on_finish()

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-import weakref
+from collections import deque
 from dataclasses import dataclass
 from typing import Iterable, Iterator, Sequence as Seq
 
@@ -20,6 +20,7 @@ from shiftlib.modules.model import check_mode
 from shiftlib.plan import shift_model
 
 CPU_DEFAULT_BLOCKS = 1024
+STATS_KEPT = 100_000  # the latest steps' StepStats; older ones are dropped
 
 
 @dataclass(frozen=True)
@@ -116,7 +117,7 @@ class Engine:
         graphs = mesh.device.type == "cuda" and rope not in ("dynamic", "longrope") if cuda_graphs is None else cuda_graphs
         self.runner = Runner(model, self.shift, self.cache, self.max_context, graphs, max_graph_batch)
         self.stop_ids = _eos_ids(model)
-        self.stats: list[StepStats] = []
+        self.stats: deque[StepStats] = deque(maxlen=STATS_KEPT)
         self.requests: dict[int, Sequence] = {}
         self._next_id = 0
         # A base seed shared by every rank (the largest of one random draw per rank) for unseeded requests.
@@ -261,14 +262,17 @@ class Engine:
             yield from self.step()
 
     def completion(self, rid: int) -> Completion:
-        """The tokens and latencies of a finished request.
+        """The tokens and latencies of a finished request, handed over once: the engine then forgets it.
 
         Raises:
-            ValueError: the request is still queued or running.
+            ValueError: the request is unknown, already handed over, or still queued or running.
         """
-        seq = self.requests[rid]
+        seq = self.requests.get(rid)
+        if seq is None:
+            raise ValueError(f"request {rid} is unknown or its completion was already handed over")
         if seq.status is not Status.FINISHED:
             raise ValueError(f"request {rid} is not finished")
+        del self.requests[rid]
         first = seq.first_token_time or seq.finish_time
         return Completion(rid, seq.prompt, list(seq.output), seq.finish_reason, first - seq.arrival, seq.finish_time - seq.arrival)
 
@@ -306,9 +310,6 @@ def _eos_ids(model: nn.Module) -> frozenset[int]:
     return frozenset([eos] if isinstance(eos, int) else eos)
 
 
-_engines: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
 def generate(
     model: nn.Module,
     prompts: Iterable[list[int] | str],
@@ -327,7 +328,8 @@ def generate(
     """Generate continuations for a batch of prompts with a parallelized model.
 
     Every rank calls it with the same arguments and gets the same result. The engine (and its KV cache) is
-    built on first use and kept with the model for later calls with the same ``engine_kwargs``.
+    built on first use and kept on the model for later calls with the same ``engine_kwargs``; other
+    ``engine_kwargs`` replace it, and it is freed with the model.
 
     Args:
         model: from :func:`shiftlib.parallelize` or :func:`shiftlib.from_pretrained`.
@@ -355,10 +357,11 @@ def generate(
         >>> shiftlib.generate(model, [[1, 2, 3], [4, 5]], max_new_tokens=8)
     """
     key = tuple(sorted(engine_kwargs.items()))
-    engine = _engines.get(model, {}).get(key)
-    if engine is None:
+    cached_key, engine = getattr(model, "_shiftlib_engine", (None, None))
+    if engine is None or cached_key != key:
+        model._shiftlib_engine = None  # the old engine's KV cache is freed before the new one is sized
         engine = Engine(model, **engine_kwargs)
-        _engines.setdefault(model, {})[key] = engine
+        model._shiftlib_engine = (key, engine)
     previous = engine.mode, engine.threshold
     engine.mode, engine.threshold = check_mode(mode), threshold
     try:
