@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import functools
 
 import torch
 
@@ -40,12 +39,13 @@ def prompts(lengths, seed: int = 0, vocab: int = 256) -> list[list[int]]:
     return [torch.randint(0, vocab, (n,), generator=g).tolist() for n in lengths]
 
 
+_greedy: dict = {}
+
+
 def hf_greedy(family: str, prompt: list[int], max_new_tokens: int, **overrides) -> list[int]:
-    return _hf_greedy(family, tuple(prompt), max_new_tokens, tuple(sorted(overrides.items())))
-
-
-@functools.lru_cache(maxsize=None)
-def _hf_greedy(family, prompt, max_new_tokens, overrides) -> list[int]:
-    model = reference(family, **dict(overrides))
-    out = model.generate(torch.tensor([prompt]), max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens, do_sample=False)
-    return out[0, len(prompt):].tolist()
+    key = (family, tuple(prompt), max_new_tokens, repr(sorted(overrides.items())))
+    if key not in _greedy:
+        model = reference(family, **overrides)
+        out = model.generate(torch.tensor([prompt]), max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens, do_sample=False)
+        _greedy[key] = out[0, len(prompt):].tolist()
+    return _greedy[key]

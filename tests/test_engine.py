@@ -314,6 +314,32 @@ def test_generate_keeps_one_engine_per_model_and_frees_it_with_the_model(ranks):
     assert ranks(1).run(_engines_are_freed) == [[True] * 4]
 
 
+LONGROPE = {"rope_type": "longrope", "rope_theta": 10000.0, "short_factor": [1.0, 1.1, 1.2, 1.3],
+            "long_factor": [2.0, 3.0, 4.0, 5.0], "original_max_position_embeddings": 32}
+ROPES = {"longrope": dict(rope_parameters=LONGROPE),
+         # dynamic NTK rescales only past max_position_embeddings, which no request may pass
+         "dynamic": dict(rope_parameters={"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0}, max_position_embeddings=40)}
+
+
+def _rescaling_rope(kind: str) -> tuple[bool, str]:
+    """A short request beside a neighbour at the engine's longest context: each gets its tokens alone."""
+    over = ROPES[kind]
+    short, long = prompts((6, 30))
+    model = parallel("llama", 1, 2, **over)
+    engine = Engine(model, num_blocks=32, block_size=4)
+    got = engine.generate([short, long], [SamplingParams(max_new_tokens=8), SamplingParams(max_new_tokens=2)])
+    with pytest.raises(ValueError) as info:
+        engine.add_request(long, SamplingParams(max_new_tokens=11))
+    return got == [hf_greedy("llama", short, 8, **over), hf_greedy("llama", long, 2, **over)], str(info.value)
+
+
+@pytest.mark.parametrize("kind", sorted(ROPES))
+def test_rescaling_ropes_give_each_request_its_own_tokens_or_refuse_it(ranks, kind):
+    for ok, message in ranks(2).run(_rescaling_rope, kind):
+        assert ok
+        assert ("context of 32 tokens (LongRoPE" if kind == "longrope" else "context of 40 tokens:") in message
+
+
 def _static_decode(tp: int, sp: int) -> bool:
     """The CUDA-graph path (static buffers, batch buckets with padding rows, wide block tables), run uncaptured."""
     ps = prompts(LENGTHS)

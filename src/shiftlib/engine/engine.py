@@ -111,10 +111,13 @@ class Engine:
             num_blocks = self._blocks_from_memory(layers, block_size, kv_heads, head_dim, dtype, memory_fraction)
         self.cache = PagedKVCache(layers, num_blocks, block_size, kv_heads, head_dim, dtype, mesh.device)
         self.scheduler = Scheduler(BlockAllocator(num_blocks), block_size, max_num_tokens, max_num_seqs, max_prefill_tokens)
-        self.max_context = config.max_position_embeddings
-        # Dynamic-NTK and LongRoPE rescale their frequencies from the positions on the host: not capturable.
-        rope = (getattr(config, "rope_parameters", None) or {}).get("rope_type", "default")
-        graphs = mesh.device.type == "cuda" and rope not in ("dynamic", "longrope") if cuda_graphs is None else cuda_graphs
+        rope = getattr(config, "rope_parameters", None) or {}
+        self.max_context, self._context_why = config.max_position_embeddings, ""
+        if rope.get("rope_type") == "longrope":  # past its original length a step's longest position would pick
+            self.max_context = min(self.max_context, rope["original_max_position_embeddings"])  # everyone's factors
+            self._context_why = " (LongRoPE switches every request of a step to its long factors past this length)"
+        # Dynamic-NTK and LongRoPE compare the positions with a length on the host: not capturable.
+        graphs = mesh.device.type == "cuda" and rope.get("rope_type") not in ("dynamic", "longrope") if cuda_graphs is None else cuda_graphs
         self.runner = Runner(model, self.shift, self.cache, self.max_context, graphs, max_graph_batch)
         self.stop_ids = _eos_ids(model)
         self.stats: deque[StepStats] = deque(maxlen=STATS_KEPT)
@@ -165,7 +168,7 @@ class Engine:
         if total > self.max_context:
             raise ValueError(
                 f"prompt of {len(prompt)} tokens + max_new_tokens={params.max_new_tokens} exceeds the model's "
-                f"context of {self.max_context} tokens: shorten the prompt or lower max_new_tokens"
+                f"context of {self.max_context} tokens{self._context_why}: shorten the prompt or lower max_new_tokens"
             )
         if total > self.cache.capacity_tokens:
             raise ValueError(
