@@ -12,8 +12,9 @@ from torch import nn
 
 from shiftlib.cache import BlockAllocator, PagedKVCache
 from shiftlib.engine.failure import Failure
-from shiftlib.engine.runner import Runner
-from shiftlib.engine.sampler import SamplingParams, sample
+from shiftlib.engine.memory import kv_blocks
+from shiftlib.engine.runner import GRAPH_BUCKETS, Runner
+from shiftlib.engine.sampler import SamplingParams, eos_ids, sample
 from shiftlib.engine.scheduler import Scheduler
 from shiftlib.engine.sequence import Sequence, Status
 from shiftlib.modules.model import check_mode
@@ -61,8 +62,8 @@ class Engine:
 
     Args:
         model: a model returned by :func:`shiftlib.parallelize` or :func:`shiftlib.from_pretrained`.
-        num_blocks: KV-cache blocks per rank. Default: on GPU, ``memory_fraction`` of the free memory (the
-            minimum over ranks); on CPU, 1024.
+        num_blocks: KV-cache blocks per rank. Default: on GPU, ``memory_fraction`` of the memory left free by
+            the largest step's activations and the CUDA graphs (the minimum over ranks); on CPU, 1024.
         block_size: tokens per cache block.
         max_num_tokens: token budget of one step (prefills are chunked to fit it).
         max_prefill_tokens: prefill tokens a step may take while decodes run in it: bounds how long a decode
@@ -70,9 +71,9 @@ class Engine:
         max_num_seqs: requests running at once.
         mode: ``"auto"`` (switch by the step's token count), ``"tp"`` or ``"sp"``.
         threshold: the switch point in tokens; ``None`` keeps the model's.
-        memory_fraction: share of free GPU memory the cache may take.
-        cuda_graphs: replay decode steps as CUDA graphs, one per mode and batch bucket; default on GPU. On CPU,
-            ``True`` runs the graphs' static-buffer path without capture (for tests).
+        memory_fraction: share of the GPU memory left after activations and graphs that the cache may take.
+        cuda_graphs: replay decode steps as CUDA graphs, one per mode and batch bucket, captured here; default on
+            GPU. On CPU, ``True`` runs the graphs' static-buffer path without capture (for tests).
         max_graph_batch: the largest decode batch that gets a graph; larger ones run eagerly.
 
     Raises:
@@ -107,10 +108,6 @@ class Engine:
         attn = self.shift.layers[0].self_attn
         kv_heads, head_dim, dtype = attn.heads.kv_per_chunk, attn.heads.head_dim, attn._qkv.dtype
         layers = len(self.shift.layers)
-        if num_blocks is None:
-            num_blocks = self._blocks_from_memory(layers, block_size, kv_heads, head_dim, dtype, memory_fraction)
-        self.cache = PagedKVCache(layers, num_blocks, block_size, kv_heads, head_dim, dtype, mesh.device)
-        self.scheduler = Scheduler(BlockAllocator(num_blocks), block_size, max_num_tokens, max_num_seqs, max_prefill_tokens)
         rope = getattr(config, "rope_parameters", None) or {}
         self.max_context, self._context_why = config.max_position_embeddings, ""
         if rope.get("rope_type") == "longrope":  # past its original length a step's longest position would pick
@@ -118,26 +115,24 @@ class Engine:
             self._context_why = " (LongRoPE switches every request of a step to its long factors past this length)"
         # Dynamic-NTK and LongRoPE compare the positions with a length on the host: not capturable.
         graphs = mesh.device.type == "cuda" and rope.get("rope_type") not in ("dynamic", "longrope") if cuda_graphs is None else cuda_graphs
+        if num_blocks is None and mesh.device.type != "cuda":
+            num_blocks = CPU_DEFAULT_BLOCKS
+        elif num_blocks is None:
+            per_block = PagedKVCache.bytes_per_block(layers, block_size, kv_heads, head_dim, dtype)
+            rows = sum(b for b in GRAPH_BUCKETS if b <= max_graph_batch) if graphs else 0
+            num_blocks = kv_blocks(model, self.shift, per_block, memory_fraction, max_num_tokens, max_num_seqs, rows)
+        self.cache = PagedKVCache(layers, num_blocks, block_size, kv_heads, head_dim, dtype, mesh.device)
+        self.scheduler = Scheduler(BlockAllocator(num_blocks), block_size, max_num_tokens, max_num_seqs, max_prefill_tokens)
         self.runner = Runner(model, self.shift, self.cache, self.max_context, graphs, max_graph_batch)
-        self.stop_ids = _eos_ids(model)
+        self.stop_ids = eos_ids(model)
         self.stats: deque[StepStats] = deque(maxlen=STATS_KEPT)
         self.requests: dict[int, Sequence] = {}
         self._next_id = 0
         # A base seed shared by every rank (the largest of one random draw per rank) for unseeded requests.
         self._base_seed = int(mesh.reduce_all(torch.randint(0, 2**40, (1,), device=mesh.device), "max"))
         self.failure = Failure(mesh.world, str(self._base_seed))
-
-    def _blocks_from_memory(self, layers, block_size, kv_heads, head_dim, dtype, fraction) -> int:
-        mesh = self.shift.mesh
-        if mesh.device.type != "cuda":
-            return CPU_DEFAULT_BLOCKS
-        free, _ = torch.cuda.mem_get_info(mesh.device)
-        per_block = PagedKVCache.bytes_per_block(layers, block_size, kv_heads, head_dim, dtype)
-        blocks = int(mesh.reduce_all(torch.tensor([int(free * fraction) // per_block], device=mesh.device), "min"))
-        if blocks < 1:
-            raise ValueError(f"no GPU memory left for the KV cache ({free / 2**30:.2f} GiB free): free GPU memory or "
-                             f"raise memory_fraction")
-        return blocks
+        if graphs:
+            self.runner.capture(self.pick_mode)
 
     # -- requests -----------------------------------------------------------------------------------------
     def add_request(self, prompt: list[int] | str, params: SamplingParams | None = None) -> int:
@@ -302,83 +297,3 @@ class Engine:
         for _ in self.stream():
             pass
         return [self.requests.pop(i).output for i in ids]
-
-
-def _eos_ids(model: nn.Module) -> frozenset[int]:
-    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    if eos is None:
-        eos = getattr(model.config, "eos_token_id", None)
-    if eos is None:
-        return frozenset()
-    return frozenset([eos] if isinstance(eos, int) else eos)
-
-
-def generate(
-    model: nn.Module,
-    prompts: Iterable[list[int] | str],
-    max_new_tokens: int = 16,
-    temperature: float = 0.0,
-    top_p: float = 1.0,
-    top_k: int = 0,
-    seed: int | None = None,
-    mode: str = "auto",
-    threshold: int | None = None,
-    stop_token_ids: Iterable[int] = (),
-    ignore_eos: bool = False,
-    return_text: bool = False,
-    **engine_kwargs,
-) -> list[list[int]] | list[str]:
-    """Generate continuations for a batch of prompts with a parallelized model.
-
-    Every rank calls it with the same arguments and gets the same result. The engine (and its KV cache) is
-    built on first use and kept on the model for later calls with the same ``engine_kwargs``; other
-    ``engine_kwargs`` replace it, and it is freed with the model.
-
-    Args:
-        model: from :func:`shiftlib.parallelize` or :func:`shiftlib.from_pretrained`.
-        prompts: lists of token ids, or strings when the model has a tokenizer.
-        max_new_tokens: new tokens per prompt at most (fewer when a stop token comes first).
-        temperature: ``0`` is greedy; otherwise logits are divided by it before sampling.
-        top_p: nucleus sampling: keep the most likely tokens up to this probability mass (``1`` disables).
-        top_k: keep only the ``k`` most likely tokens (``0`` disables).
-        seed: request ``i`` samples with seed ``seed + i``; ``None`` draws one seed shared by all ranks.
-        mode: ``"auto"``, ``"tp"`` or ``"sp"`` for this call.
-        threshold: switch point in tokens for this call; ``None`` keeps the model's.
-        stop_token_ids: extra tokens that end a request (EOS always does unless ``ignore_eos``).
-        ignore_eos: keep generating through the model's EOS token (benchmarks use it for fixed lengths).
-        return_text: decode the new tokens with the model's tokenizer.
-        **engine_kwargs: passed to :class:`Engine` (``num_blocks``, ``block_size``, ``max_num_tokens``, ...).
-
-    Returns:
-        The new tokens of each prompt (without the prompt), or their text with ``return_text``.
-
-    Raises:
-        ValueError: empty prompt, prompt longer than the context or the cache, ``max_new_tokens < 0``, unknown
-            mode, sampling values out of range.
-
-    Example:
-        >>> shiftlib.generate(model, [[1, 2, 3], [4, 5]], max_new_tokens=8)
-    """
-    key = tuple(sorted(engine_kwargs.items()))
-    cached_key, engine = getattr(model, "_shiftlib_engine", (None, None))
-    if engine is None or cached_key != key:
-        model._shiftlib_engine = None  # the old engine's KV cache is freed before the new one is sized
-        engine = Engine(model, **engine_kwargs)
-        model._shiftlib_engine = (key, engine)
-    previous = engine.mode, engine.threshold
-    engine.mode, engine.threshold = check_mode(mode), threshold
-    try:
-        prompts = list(prompts)
-        params = [
-            SamplingParams(max_new_tokens, temperature, top_p, top_k, None if seed is None else seed + i, tuple(stop_token_ids), ignore_eos)
-            for i in range(len(prompts))
-        ]
-        outputs = engine.generate(prompts, params)
-    finally:
-        engine.mode, engine.threshold = previous
-    if return_text:
-        tok = getattr(model, "tokenizer", None)
-        if tok is None:
-            raise ValueError("return_text needs a tokenizer: load the model with shiftlib.from_pretrained")
-        return [tok.decode(o, skip_special_tokens=True) for o in outputs]
-    return outputs

@@ -1,6 +1,7 @@
 """Turns a step plan into tensors, runs the model in the step's mode, and returns logits of sampled rows.
 
-Decode steps on GPU replay CUDA graphs, one per (mode, batch bucket, block-table width): inputs are copied into
+Decode steps on GPU replay CUDA graphs, one per (mode, batch bucket, block-table width), captured before serving
+starts (:meth:`Runner.capture`): inputs are copied into
 static buffers, padding rows write to the cache's trash slot and attend to nothing, and SP-mode buckets are
 multiples of ``sp`` so no step pads again inside the graph. Prefill and mixed steps run eagerly (their shapes
 vary, and their GEMMs are large enough that launch overhead does not matter). On CPU the same static path runs
@@ -40,6 +41,7 @@ class Runner:
                 context_lens=torch.zeros(self.buckets[-1], dtype=torch.int32, device=self.device),
             )
             self.pool = torch.cuda.graph_pool_handle() if self.device.type == "cuda" else None
+            self.widths = {b: self._split_widths(b) for b in self.buckets}
 
     def inputs(self, plan: StepPlan) -> tuple[torch.Tensor, torch.Tensor, AttentionBatch, torch.Tensor, list[Sequence]]:
         """Host-side lists for the whole step, moved to the device in one go per tensor."""
@@ -80,18 +82,46 @@ class Runner:
         h = self.shift.hidden(tokens, positions, batch, mode, rows, self.cache.layers, self.cache.trash_slot)
         return self.model.lm_head(h)
 
+    def _key(self, mode: str, n: int, table_width: int) -> tuple[str, int, int]:
+        """The graph of a decode step of ``n`` rows: the smallest bucket that fits (SP mode: a multiple of ``sp``)
+        and the narrowest captured block-table width that holds ``table_width`` blocks."""
+        bucket = next(b for b in self.buckets if b >= n and (mode == "tp" or b % self.shift.mesh.sp == 0))
+        return mode, bucket, next(w for w in self.widths[bucket] if w >= table_width)
+
+    def _split_widths(self, bucket: int) -> list[int]:
+        """Block-table widths worth a graph of their own: the decode kernel's split count follows the width
+        (at small batch), so each run of widths with one split count gets one graph, at its widest."""
+        from shiftlib.triton_decode import default_config, num_splits, _sm_count
+
+        full = self.static["block_tables"].shape[1]
+        data, bs = self.cache.data, self.cache.block_size
+        cfg, sm = default_config(data[0, 0, :1]), _sm_count(self.device)
+        windows = {layer.self_attn.window for layer in self.shift.layers}
+        splits = {w: tuple(num_splits(bucket, data.shape[3], w, bs, win, cfg, sm) for win in windows)
+                  for w in sorted({min(1 << i, full) for i in range(4, full.bit_length() + 1)} | {full})}
+        return [w for w, next_w in zip(splits, list(splits)[1:] + [None]) if next_w is None or splits[next_w] != splits[w]]
+
+    def capture(self, pick_mode) -> None:
+        """Capture, before serving, every graph that a decode batch picks with ``pick_mode``, so no step waits
+        for one (a later mode or threshold change captures what it lacks on first use)."""
+        keys = set()
+        for n in range(1, self.buckets[-1] + 1):
+            mode, bucket, _ = self._key(pick_mode(n), n, 1)
+            keys |= {(mode, bucket, w) for w in self.widths[bucket]}
+        for key in sorted(keys):
+            self.graphs[key] = self._capture(*key)
+
     @torch.inference_mode()
     def run(self, plan: StepPlan) -> tuple[torch.Tensor, list[Sequence]]:
         tokens, positions, batch, rows, sampled = self.inputs(plan)
         n = tokens.shape[0]
         if self.use_graphs and batch.decode and n <= self.buckets[-1]:
-            bucket = next(b for b in self.buckets if b >= n and (plan.mode == "tp" or b % self.shift.mesh.sp == 0))
-            width = max(16, 1 << (batch.block_tables.shape[1] - 1).bit_length())  # the kernel's splits follow it
-            return self._replay(plan.mode, bucket, min(width, self.static["block_tables"].shape[1]), tokens, batch)[:n], sampled
+            key = self._key(plan.mode, n, batch.block_tables.shape[1])
+            return self._replay(key, tokens, batch)[:n], sampled
         return self._forward(tokens, positions, batch, plan.mode, rows), sampled
 
-    def _replay(self, mode: str, bucket: int, width: int, tokens: torch.Tensor, batch: AttentionBatch) -> torch.Tensor:
-        n, s = tokens.shape[0], self.static
+    def _replay(self, key: tuple[str, int, int], tokens: torch.Tensor, batch: AttentionBatch) -> torch.Tensor:
+        n, s, bucket = tokens.shape[0], self.static, key[1]
         s["tokens"][:n].copy_(tokens)
         s["positions"][:n].copy_(batch.query_pos)
         s["write_slots"][:n].copy_(batch.write_slots)
@@ -99,7 +129,6 @@ class Runner:
         s["context_lens"][:n].copy_(batch.context_lens)
         s["context_lens"][n:bucket].zero_()
         s["block_tables"][:n, : batch.block_tables.shape[1]].copy_(batch.block_tables)
-        key = (mode, bucket, width)
         if key not in self.graphs:
             self.graphs[key] = self._capture(*key)
         return self.graphs[key].replay()
@@ -139,8 +168,10 @@ class _Graph:
 
     def __init__(self, runner: Runner, args: tuple, graph: torch.cuda.CUDAGraph | None = None, logits: torch.Tensor | None = None) -> None:
         self.runner, self.args, self.graph, self.logits = runner, args, graph, logits
+        self.replays = 0
 
     def replay(self) -> torch.Tensor:
+        self.replays += 1
         if self.graph is None:
             return self.runner._forward(*self.args)
         self.graph.replay()

@@ -99,3 +99,13 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[
     pick = torch.searchsorted(cdf, (u * cdf[:, -1].double()).to(cdf.dtype)[:, None], right=True)[:, 0]
     last = probs.shape[-1] - 1 - (probs > 0).flip(-1).int().argmax(-1)  # a rounded-up draw stays on a kept token
     return tokens.index_put((rows,), torch.minimum(pick, last))
+
+
+def eos_ids(model) -> frozenset[int]:
+    """The model's end-of-sequence tokens (its generation config's, else its config's)."""
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if eos is None:
+        eos = getattr(model.config, "eos_token_id", None)
+    if eos is None:
+        return frozenset()
+    return frozenset([eos] if isinstance(eos, int) else eos)
