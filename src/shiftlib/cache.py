@@ -12,23 +12,55 @@ import torch
 
 
 class BlockAllocator:
-    """Free-list of cache blocks. Every rank runs the same allocator on the same schedule, so block ids agree."""
+    """Cache blocks: free, in use (reference-counted: prefix caching shares full blocks), or cached.
+
+    A cached block holds the K/V of a full block of tokens under its prefix ``key`` (see
+    :mod:`shiftlib.engine.prefix_cache`); once no request uses it, it still counts as free and is evicted, least
+    recently used first, only when no plain free block is left. Every rank runs the same allocator on the same
+    schedule, so block ids agree.
+    """
 
     def __init__(self, num_blocks: int) -> None:
         self.num_blocks = num_blocks
         self._free = list(range(num_blocks - 1, -1, -1))
+        self.refs = [0] * num_blocks
+        self.cached: dict[object, int] = {}  # prefix key -> block
+        self._key: dict[int, object] = {}  # block -> its prefix key
+        self._idle: dict[int, None] = {}  # cached blocks no request uses, least recently used first
 
     @property
     def num_free(self) -> int:
-        return len(self._free)
+        return len(self._free) + len(self._idle)
 
     def allocate(self, n: int) -> list[int]:
-        if n > len(self._free):
-            raise RuntimeError(f"asked for {n} cache blocks, {len(self._free)} free")
-        return [self._free.pop() for _ in range(n)]
+        if n > self.num_free:
+            raise RuntimeError(f"asked for {n} cache blocks, {self.num_free} free")
+        blocks = [self._free.pop() if self._free else self._evict() for _ in range(n)]
+        for b in blocks:
+            self.refs[b] = 1
+        return blocks
+
+    def _evict(self) -> int:
+        block = next(iter(self._idle))
+        del self._idle[block], self.cached[self._key.pop(block)]
+        return block
 
     def free(self, blocks: list[int]) -> None:
-        self._free.extend(reversed(blocks))
+        """Drop one reference to each block; the last request to let go of a block frees it, tail first."""
+        for b in reversed(blocks):
+            self.refs[b] -= 1
+            if self.refs[b] == 0:
+                (self._idle.__setitem__(b, None) if b in self._key else self._free.append(b))
+
+    def share(self, block: int) -> None:
+        """One more request uses a cached block."""
+        self._idle.pop(block, None)
+        self.refs[block] += 1
+
+    def cache(self, block: int, key: object) -> None:
+        """Offer a full block for reuse under ``key`` (kept as it is where another block holds that key)."""
+        if key not in self.cached and block not in self._key:
+            self.cached[key], self._key[block] = block, key
 
 
 class PagedKVCache:

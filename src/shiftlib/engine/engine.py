@@ -75,6 +75,8 @@ class Engine:
         cuda_graphs: replay decode steps as CUDA graphs, one per mode and batch bucket, captured here; default on
             GPU. On CPU, ``True`` runs the graphs' static-buffer path without capture (for tests).
         max_graph_batch: the largest decode batch that gets a graph; larger ones run eagerly.
+        enable_prefix_caching: reuse the cached K/V of full blocks that a request's prefix shares with earlier
+            requests (:mod:`shiftlib.engine.prefix_cache`); the tokens are the same either way.
 
     Raises:
         ValueError: unknown mode, a model that was not parallelized, a non-positive budget.
@@ -101,6 +103,7 @@ class Engine:
         memory_fraction: float = 0.9,
         cuda_graphs: bool | None = None,
         max_graph_batch: int = 256,
+        enable_prefix_caching: bool = True,
     ) -> None:
         self.model, self.shift = model, shift_model(model)
         self.mode, self.threshold = check_mode(mode), threshold
@@ -122,7 +125,8 @@ class Engine:
             rows = sum(b for b in GRAPH_BUCKETS if b <= max_graph_batch) if graphs else 0
             num_blocks = kv_blocks(model, self.shift, per_block, memory_fraction, max_num_tokens, max_num_seqs, rows)
         self.cache = PagedKVCache(layers, num_blocks, block_size, kv_heads, head_dim, dtype, mesh.device)
-        self.scheduler = Scheduler(BlockAllocator(num_blocks), block_size, max_num_tokens, max_num_seqs, max_prefill_tokens)
+        self.scheduler = Scheduler(BlockAllocator(num_blocks), block_size, max_num_tokens, max_num_seqs, max_prefill_tokens,
+                                   enable_prefix_caching)
         self.runner = Runner(model, self.shift, self.cache, self.max_context, graphs, max_graph_batch)
         self.stop_ids = eos_ids(model)
         self.stats: deque[StepStats] = deque(maxlen=STATS_KEPT)
@@ -235,8 +239,7 @@ class Engine:
         logits, sampled = self.runner.run(plan)
         tokens = self.failure.tolist(sample(logits, [s.params for s in sampled], [s.generator for s in sampled])) if sampled else []
         now = time.perf_counter()
-        for seq, n in plan.work:
-            seq.num_cached += n
+        self.scheduler.advance(plan)
         events = []
         for seq, token in zip(sampled, tokens):
             seq.output.append(token)

@@ -13,6 +13,7 @@ from collections import deque
 from dataclasses import dataclass
 
 from shiftlib.cache import BlockAllocator
+from shiftlib.engine import prefix_cache
 from shiftlib.engine.sequence import Sequence, Status
 
 
@@ -29,12 +30,12 @@ class StepPlan:
 
 class Scheduler:
     def __init__(self, allocator: BlockAllocator, block_size: int, max_num_tokens: int, max_num_seqs: int,
-                 max_prefill_tokens: int | None = None) -> None:
+                 max_prefill_tokens: int | None = None, prefix_caching: bool = True) -> None:
         max_prefill_tokens = max_num_tokens if max_prefill_tokens is None else max_prefill_tokens
         if min(max_num_tokens, max_num_seqs, max_prefill_tokens) < 1:
             raise ValueError(f"max_num_tokens, max_num_seqs and max_prefill_tokens must be >= 1, got {max_num_tokens}, "
                              f"{max_num_seqs}, {max_prefill_tokens}")
-        self.allocator, self.block_size = allocator, block_size
+        self.allocator, self.block_size, self.prefix_caching = allocator, block_size, prefix_caching
         self.max_num_tokens, self.max_num_seqs, self.max_prefill_tokens = max_num_tokens, max_num_seqs, max_prefill_tokens
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
@@ -51,7 +52,7 @@ class Scheduler:
 
     def _preempt(self, seq: Sequence) -> None:
         self.allocator.free(seq.blocks)
-        seq.blocks, seq.num_cached, seq.status = [], 0, Status.WAITING
+        seq.blocks, seq.keys, seq.num_cached, seq.status = [], [], 0, Status.WAITING
         self.running.remove(seq)
         self.waiting.appendleft(seq)
 
@@ -85,16 +86,27 @@ class Scheduler:
             take(seq, n)
             scheduled.add(seq.id)
         # Admit waiting requests while tokens, sequences and blocks allow (no preemption for newcomers).
-        while self.waiting and len(self.running) < self.max_num_seqs and (n := room(self.waiting[0])) > 0:
+        while self.waiting and len(self.running) < self.max_num_seqs and budget > 0:
             seq = self.waiting[0]
-            if self._blocks_needed(seq, n) > self.allocator.num_free:
+            hits, keys = prefix_cache.match(self.allocator, seq, self.block_size) if self.prefix_caching else ([], [])
+            n = min(seq.pending - len(hits) * self.block_size, budget, budget if seq.pending == 1 else prefill)
+            new = -(-(len(hits) * self.block_size + n) // self.block_size) - len(hits)
+            if n == 0 or new > self.allocator.num_free - sum(self.allocator.refs[b] == 0 for b in hits):
                 break
+            prefix_cache.claim(self.allocator, seq, hits, keys, self.block_size)
             self.waiting.popleft()
             seq.status = Status.RUNNING
             self.running.append(seq)
             take(seq, n)
         total = sum(n for _, n in work)
         return StepPlan(work, pick_mode(total) if work else "tp", preempted)
+
+    def advance(self, plan: StepPlan) -> None:
+        """The step ran: its tokens are in the cache, and its newly full blocks may serve later requests."""
+        for seq, n in plan.work:
+            seq.num_cached += n
+            if self.prefix_caching:
+                prefix_cache.offer(self.allocator, seq, self.block_size)
 
     def finish(self, seq: Sequence) -> None:
         self.allocator.free(seq.blocks)

@@ -27,6 +27,7 @@ class Sequence:
     output: list[int] = field(default_factory=list)
     status: Status = Status.WAITING
     blocks: list[int] = field(default_factory=list)
+    keys: list[object] = field(default_factory=list)  # prefix keys of the leading full blocks, once computed
     num_cached: int = 0  # leading tokens whose K/V are in the cache
     first_token_time: float | None = None
     finish_time: float | None = None

@@ -1,0 +1,43 @@
+"""Prefix caching: a request reuses the cached K/V of the full blocks its tokens share with earlier requests.
+
+A full block is keyed by its own tokens and the hash of the key before it, so a key names a whole prefix: two
+requests share a block only where everything before it is the same too, which is what makes the K/V equal (the
+same in TP and SP mode: one cache layout). The last token of a request is always run, so the step that admits it
+has a row to sample. Keys are ints and tuples of ints, whose hashes Python does not randomize: every rank
+computes the same keys and finds the same blocks.
+"""
+
+from __future__ import annotations
+
+from shiftlib.cache import BlockAllocator
+from shiftlib.engine.sequence import Sequence
+
+
+def _key(parent: object, seq: Sequence, i: int, bs: int) -> object:
+    return hash(parent), tuple(seq.token_slice(i * bs, (i + 1) * bs))
+
+
+def match(allocator: BlockAllocator, seq: Sequence, bs: int) -> tuple[list[int], list[object]]:
+    """The cached blocks (and their keys) that hold the longest cached prefix of ``seq``, short of its last token."""
+    blocks, keys, parent = [], [], 0
+    for i in range((seq.num_tokens - 1) // bs):
+        parent = _key(parent, seq, i, bs)
+        if (block := allocator.cached.get(parent)) is None:
+            break
+        blocks.append(block)
+        keys.append(parent)
+    return blocks, keys
+
+
+def claim(allocator: BlockAllocator, seq: Sequence, blocks: list[int], keys: list[object], bs: int) -> None:
+    """Start ``seq`` (no blocks yet) on the matched blocks: their tokens count as cached."""
+    for b in blocks:
+        allocator.share(b)
+    seq.blocks, seq.keys, seq.num_cached = list(blocks), list(keys), len(blocks) * bs
+
+
+def offer(allocator: BlockAllocator, seq: Sequence, bs: int) -> None:
+    """Offer the blocks of ``seq`` that the last step filled for reuse by later requests."""
+    for i in range(len(seq.keys), seq.num_cached // bs):
+        seq.keys.append(_key(seq.keys[-1] if seq.keys else 0, seq, i, bs))
+        allocator.cache(seq.blocks[i], seq.keys[-1])
