@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import torch
 
-from shiftlib.cache import PagedKVCache
 from shiftlib.modules.model import ShiftModel
 from shiftlib.paged_attention import AttentionBatch
 

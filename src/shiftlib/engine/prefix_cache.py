@@ -17,23 +17,18 @@ def _key(parent: object, seq: Sequence, i: int, bs: int) -> object:
     return hash(parent), tuple(seq.token_slice(i * bs, (i + 1) * bs))
 
 
-def match(allocator: BlockAllocator, seq: Sequence, bs: int) -> tuple[list[int], list[object]]:
-    """The cached blocks (and their keys) that hold the longest cached prefix of ``seq``, short of its last token."""
-    blocks, keys, parent = [], [], 0
+def claim(allocator: BlockAllocator, seq: Sequence, bs: int) -> None:
+    """Start ``seq`` (no blocks yet) on the cached blocks of its longest cached prefix, short of its last
+    token: their tokens count as cached."""
+    parent = 0
     for i in range((seq.num_tokens - 1) // bs):
         parent = _key(parent, seq, i, bs)
         if (block := allocator.cached.get(parent)) is None:
             break
-        blocks.append(block)
-        keys.append(parent)
-    return blocks, keys
-
-
-def claim(allocator: BlockAllocator, seq: Sequence, blocks: list[int], keys: list[object], bs: int) -> None:
-    """Start ``seq`` (no blocks yet) on the matched blocks: their tokens count as cached."""
-    for b in blocks:
-        allocator.share(b)
-    seq.blocks, seq.keys, seq.num_cached = list(blocks), list(keys), len(blocks) * bs
+        allocator.share(block)
+        seq.blocks.append(block)
+        seq.keys.append(parent)
+    seq.num_cached = len(seq.blocks) * bs
 
 
 def offer(allocator: BlockAllocator, seq: Sequence, bs: int) -> None:

@@ -1,9 +1,8 @@
 """Turns a step plan into tensors, runs the model in the step's mode, and returns logits of sampled rows.
 
 Decode steps on GPU replay CUDA graphs, one per (mode, batch bucket, block-table width), captured before serving
-starts (:meth:`Runner.capture`): inputs are copied into
-static buffers, padding rows write to the cache's trash slot and attend to nothing, and SP-mode buckets are
-multiples of ``sp`` so no step pads again inside the graph. Prefill and mixed steps run eagerly (their shapes
+starts (:meth:`Runner.capture`): inputs are copied into static buffers, padding rows write to the cache's trash
+slot and attend to nothing, and SP-mode buckets are multiples of ``sp`` so no step pads again inside the graph. Prefill and mixed steps run eagerly (their shapes
 vary, and their GEMMs are large enough that launch overhead does not matter). On CPU the same static path runs
 without capture when asked for, which is how the tests check the graphs' padding and buffers.
 """

@@ -3,8 +3,9 @@
 Every rank runs the same scheduler on the same requests, so all ranks reach the same plan (and the same mode)
 without talking. Order of service: decodes first (one token each, latency-critical), then prefills in chunks
 under the step's token budget, and under a smaller prefill budget while decodes run (a long prefill chunk
-would stall every decode of the step: TPOT spikes). When cache blocks run out, the newest running request is preempted: its blocks
-are freed and it is recomputed later from its prompt and the tokens it already produced.
+would stall every decode of the step: TPOT spikes). A new request starts past the prefix that the cache already
+holds (:mod:`shiftlib.engine.prefix_cache`). When cache blocks run out, the newest running request is
+preempted: its blocks are freed and it is recomputed later from its prompt and the tokens it already produced.
 """
 
 from __future__ import annotations
@@ -88,12 +89,12 @@ class Scheduler:
         # Admit waiting requests while tokens, sequences and blocks allow (no preemption for newcomers).
         while self.waiting and len(self.running) < self.max_num_seqs and budget > 0:
             seq = self.waiting[0]
-            hits, keys = prefix_cache.match(self.allocator, seq, self.block_size) if self.prefix_caching else ([], [])
-            n = min(seq.pending - len(hits) * self.block_size, budget, budget if seq.pending == 1 else prefill)
-            new = -(-(len(hits) * self.block_size + n) // self.block_size) - len(hits)
-            if n == 0 or new > self.allocator.num_free - sum(self.allocator.refs[b] == 0 for b in hits):
+            if self.prefix_caching:
+                prefix_cache.claim(self.allocator, seq, self.block_size)
+            if (n := room(seq)) == 0 or self._blocks_needed(seq, n) > self.allocator.num_free:
+                self.allocator.free(seq.blocks)  # the cached blocks it matched wait with it, unclaimed
+                seq.blocks, seq.keys, seq.num_cached = [], [], 0
                 break
-            prefix_cache.claim(self.allocator, seq, hits, keys, self.block_size)
             self.waiting.popleft()
             seq.status = Status.RUNNING
             self.running.append(seq)
