@@ -103,6 +103,13 @@ def _add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default=None, help="float32, bfloat16, float16 or float64 (default: the checkpoint's)")
 
 
+def add_speculative_arguments(p: argparse.ArgumentParser) -> None:
+    """``--speculative`` and ``--num-speculative-tokens`` (the engine's, and the benchmark's)."""
+    p.add_argument("--speculative", choices=("suffix",), default=None,
+                   help="suffix: draft tokens from the prompt and earlier answers (SuffixDecoding), same output")
+    p.add_argument("--num-speculative-tokens", type=_at_least(1), default=16, help="draft length at most")
+
+
 def add_engine_arguments(p: argparse.ArgumentParser) -> None:
     """The options of :class:`shiftlib.Engine` that every command running the engine takes."""
     p.add_argument("--threshold", type=_at_least(0), default=256, help="steps of at most this many tokens run in TP mode")
@@ -119,12 +126,14 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dist-timeout", type=_at_least(1.0, float), default=None,
                    help="seconds a rank waits for its peers in a collective before it gives up and exits non-zero "
                         "(default 600; bounds the wait on a frozen peer, a dead one is noticed at once)")
+    add_speculative_arguments(p)
 
 
 def engine_kwargs(args) -> dict:
     """The :class:`shiftlib.Engine` keywords of :func:`add_engine_arguments`' options."""
     return dict(mode=args.mode, max_num_seqs=args.max_num_seqs, max_num_tokens=args.max_num_tokens,
-                block_size=args.block_size, num_blocks=args.num_blocks, memory_fraction=args.memory_fraction)
+                block_size=args.block_size, num_blocks=args.num_blocks, memory_fraction=args.memory_fraction,
+                speculative=args.speculative, num_speculative_tokens=args.num_speculative_tokens)
 
 
 def pick_device(args) -> str:

@@ -46,6 +46,8 @@ def _configs(text: str) -> list[str]:
 
 
 def configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    from shiftlib.cli import add_speculative_arguments
+
     d = BenchOptions()
     a = parser.add_argument
     a(
@@ -120,6 +122,7 @@ def configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         default=d.hf_max_concurrency,
         help="run the Hugging Face peer only up to this concurrency: it is slow (default: %(default)s)",
     )
+    add_speculative_arguments(parser)
     a("--dtype", default=None, help="model dtype (default: bfloat16 on GPU, float32 on CPU)")
     a("--device", choices=("cuda", "cpu"), default=None, help="default: cuda when available")
     a("--seed", type=int, default=d.seed)
@@ -177,6 +180,8 @@ def options(args: argparse.Namespace) -> BenchOptions:
         max_num_tokens=args.max_num_tokens,
         max_num_seqs=args.max_num_seqs,
         block_size=args.block_size,
+        speculative=args.speculative,
+        num_speculative_tokens=args.num_speculative_tokens,
         hf_max_concurrency=args.hf_max_concurrency,
         dtype=args.dtype,
         device=args.device,

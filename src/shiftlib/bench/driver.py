@@ -90,7 +90,7 @@ def drive(
         t = clock.local()
         if engine.stats and engine.stats[-1] is not before:
             s = engine.stats[-1]
-            steps.append(StepRecord(t, s.mode, s.num_tokens, s.num_seqs, s.seconds, s.preempted))
+            steps.append(StepRecord(t, s.mode, s.num_tokens, s.num_seqs, s.seconds, s.preempted, s.drafted, s.accepted))
         for rid, _ in events:
             r = records[rid]
             r.output_len += 1

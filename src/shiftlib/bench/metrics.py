@@ -45,6 +45,8 @@ class StepRecord:
     num_seqs: int
     seconds: float
     preempted: int
+    drafted: int = 0
+    accepted: int = 0
 
 
 def percentile(values: list[float], q: float) -> float | None:
@@ -98,4 +100,6 @@ def summarize(requests: list[RequestRecord], steps: list[StepRecord], duration_s
         m: _ms(percentile([s.seconds for s in steps if s.mode == m], 50)) for m in sorted(modes)
     }
     out["preempted"] = sum(s.preempted for s in steps)
+    if any(s.drafted for s in steps):  # speculative decoding
+        out.update(drafted=sum(s.drafted for s in steps), accepted=sum(s.accepted for s in steps))
     return out

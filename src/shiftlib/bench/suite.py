@@ -67,6 +67,8 @@ class BenchOptions:
     max_num_tokens: int = 4096
     max_num_seqs: int | None = None
     block_size: int = 16
+    speculative: str | None = None  # "suffix" for the engine configurations
+    num_speculative_tokens: int = 16
     hf_max_concurrency: int = 64
     dtype: str | None = None
     device: str | None = None
@@ -221,6 +223,7 @@ class Bench:
             threshold=opts.threshold,
             max_num_tokens=opts.max_num_tokens,
             block_size=opts.block_size,
+            speculative=opts.speculative,
             machine=machine(),
             versions=versions(),
             command=opts.command or " ".join(sys.argv),
@@ -271,6 +274,8 @@ class Bench:
             max_num_seqs=self.max_seqs,
             mode=mode,
             threshold=self.opts.threshold,
+            speculative=self.opts.speculative,
+            num_speculative_tokens=self.opts.num_speculative_tokens,
         )
         return engine
 

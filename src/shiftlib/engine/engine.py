@@ -17,6 +17,7 @@ from shiftlib.engine.runner import GRAPH_BUCKETS, Runner
 from shiftlib.engine.sampler import SamplingParams, eos_ids, sample
 from shiftlib.engine.scheduler import Scheduler
 from shiftlib.engine.sequence import Sequence, Status
+from shiftlib.engine.speculator import speculator, verify
 from shiftlib.modules.model import check_mode
 from shiftlib.plan import shift_model
 
@@ -35,6 +36,7 @@ class StepStats:
         num_sampled: requests that got a new token (a prefill chunk that does not end its prompt gets none).
         preempted: requests preempted to make room in the cache during scheduling.
         seconds: wall time of the step, scheduling and sampling included.
+        drafted, accepted: speculated tokens verified in the step (counted in ``num_tokens``), and those kept.
     """
 
     mode: str
@@ -43,6 +45,8 @@ class StepStats:
     num_sampled: int
     preempted: int
     seconds: float
+    drafted: int = 0
+    accepted: int = 0
 
 
 @dataclass(frozen=True)
@@ -77,9 +81,13 @@ class Engine:
         max_graph_batch: the largest decode batch that gets a graph; larger ones run eagerly.
         enable_prefix_caching: reuse the cached K/V of full blocks that a request's prefix shares with earlier
             requests (:mod:`shiftlib.engine.prefix_cache`); the tokens are the same either way.
+        speculative: ``"suffix"`` drafts tokens from the prompt and earlier responses (SuffixDecoding) and
+            verifies them in the step, with the same output as without; ``None`` (default) does not.
+        num_speculative_tokens: draft length at most.
+        speculative_max_batch: no drafts in steps of more running requests.
 
     Raises:
-        ValueError: unknown mode, a model that was not parallelized, a non-positive budget.
+        ValueError: unknown mode or speculative method, a model that was not parallelized, a non-positive budget.
 
     Example:
         >>> engine = shiftlib.Engine(model, num_blocks=256)
@@ -104,6 +112,9 @@ class Engine:
         cuda_graphs: bool | None = None,
         max_graph_batch: int = 256,
         enable_prefix_caching: bool = True,
+        speculative: str | None = None,
+        num_speculative_tokens: int = 16,
+        speculative_max_batch: int = 32,
     ) -> None:
         self.model, self.shift = model, shift_model(model)
         self.mode, self.threshold = check_mode(mode), threshold
@@ -129,6 +140,7 @@ class Engine:
                                    enable_prefix_caching)
         self.runner = Runner(model, self.shift, self.cache, self.max_context, graphs, max_graph_batch)
         self.stop_ids = eos_ids(model)
+        self.speculator = speculator(speculative, num_speculative_tokens, speculative_max_batch)
         self.stats: deque[StepStats] = deque(maxlen=STATS_KEPT)
         self.requests: dict[int, Sequence] = {}
         self._next_id = 0
@@ -199,6 +211,8 @@ class Engine:
 
     def _finish(self, seq: Sequence, reason: str) -> None:
         seq.finish_reason, seq.finish_time = reason, time.perf_counter()
+        if self.speculator:
+            self.speculator.finish(seq.id, seq.output)
         if seq.status is Status.RUNNING:
             self.scheduler.finish(seq)
         else:
@@ -233,23 +247,27 @@ class Engine:
 
     def _step(self) -> list[tuple[int, int]]:
         start = time.perf_counter()
+        if self.speculator:
+            self.speculator.draft(self.scheduler.running, self.max_context)
         plan = self.scheduler.schedule(self.pick_mode)
         if not plan.work:
             return []
-        logits, sampled = self.runner.run(plan)
-        tokens = self.failure.tolist(sample(logits, [s.params for s in sampled], [s.generator for s in sampled])) if sampled else []
+        logits, rows = self.runner.run(plan)  # a request with a draft of k tokens has k + 1 rows
+        tokens = self.failure.tolist(sample(logits, [s.params for s in rows], [s.generator for s in rows])) if rows else []
         now = time.perf_counter()
         self.scheduler.advance(plan)
-        events = []
-        for seq, token in zip(sampled, tokens):
-            seq.output.append(token)
-            seq.first_token_time = seq.first_token_time or now
-            events.append((seq.id, token))
-            if token in seq.params.stop_token_ids or (not seq.params.ignore_eos and token in self.stop_ids):
-                self._finish(seq, "stop")
-            elif len(seq.output) >= seq.params.max_new_tokens:
-                self._finish(seq, "length")
-        self.stats.append(StepStats(plan.mode, plan.num_tokens, len(plan.work), len(sampled), plan.preempted, now - start))
+        events, (verified, drafted, accepted) = [], verify(rows, tokens, self.scheduler)
+        for seq, new in verified:
+            for token in new:  # a stop inside accepted draft tokens ends the request there
+                seq.output.append(token)
+                seq.first_token_time = seq.first_token_time or now
+                events.append((seq.id, token))
+                stop = token in seq.params.stop_token_ids or (not seq.params.ignore_eos and token in self.stop_ids)
+                if stop or len(seq.output) >= seq.params.max_new_tokens:
+                    self._finish(seq, "stop" if stop else "length")
+                    break
+        stats = (plan.mode, plan.num_tokens, len(plan.work), len(verified), plan.preempted, now - start)
+        self.stats.append(StepStats(*stats, drafted, accepted))
         return events
 
     def stream(self) -> Iterator[tuple[int, int]]:

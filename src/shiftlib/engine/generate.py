@@ -45,7 +45,8 @@ def generate(
         stop_token_ids: extra tokens that end a request (EOS always does unless ``ignore_eos``).
         ignore_eos: keep generating through the model's EOS token (benchmarks use it for fixed lengths).
         return_text: decode the new tokens with the model's tokenizer.
-        **engine_kwargs: passed to :class:`Engine` (``num_blocks``, ``block_size``, ``max_num_tokens``, ...).
+        **engine_kwargs: passed to :class:`Engine` (``num_blocks``, ``block_size``, ``max_num_tokens``,
+            ``speculative="suffix"``, ``num_speculative_tokens``, ...).
 
     Returns:
         The new tokens of each prompt (without the prompt), or their text with ``return_text``.

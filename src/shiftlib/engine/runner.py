@@ -43,22 +43,30 @@ class Runner:
             self.widths = {b: self._split_widths(b) for b in self.buckets}
 
     def inputs(self, plan: StepPlan) -> tuple[torch.Tensor, torch.Tensor, AttentionBatch, torch.Tensor, list[Sequence]]:
-        """Host-side lists for the whole step, moved to the device in one go per tensor."""
+        """Host-side lists for the whole step, moved to the device in one go per tensor.
+
+        A request with a draft of k tokens runs them after its pending token as k + 1 decode rows of their own
+        (one query each over the same blocks), so verification takes the decode kernel and its CUDA graphs;
+        all k + 1 rows are sampled, and the request is listed once per row.
+        """
         bs = self.cache.block_size
         tokens, positions, slots, rows, sampled = [], [], [], [], []
-        query_start, context_lens = [0], []
-        tables = np.zeros((len(plan.work), max(len(seq.blocks) for seq, _ in plan.work)), dtype=np.int32)
-        for b, (seq, n) in enumerate(plan.work):
-            tables[b, : len(seq.blocks)] = seq.blocks
-            start = seq.num_cached
-            tokens += seq.token_slice(start, start + n)
+        query_start, context_lens, tables = [0], [], []
+        for seq, n in plan.work:
+            start, k = seq.num_cached, len(seq.draft)
+            tokens += seq.token_slice(start, start + n - k) + seq.draft
             positions += range(start, start + n)
             slots += [seq.blocks[p // bs] * bs + p % bs for p in range(start, start + n)]
-            query_start.append(query_start[-1] + n)
-            context_lens.append(start + n)
-            if start + n == seq.num_tokens:  # all known tokens are in: sample the next one
-                rows.append(query_start[-1] - 1)
-                sampled.append(seq)
+            for end in range(start + 1, start + n + 1) if k else (start + n,):
+                query_start.append(query_start[-1] + (1 if k else n))
+                context_lens.append(end)
+                tables.append(seq.blocks)
+            if start + n - k == seq.num_tokens:  # all known tokens are in: sample the next one (and verify)
+                rows += range(query_start[-1] - 1 - k, query_start[-1])
+                sampled += [seq] * (k + 1)
+        block_tables = np.zeros((len(tables), max(map(len, tables))), dtype=np.int32)
+        for b, blocks in enumerate(tables):
+            block_tables[b, : len(blocks)] = blocks
 
         def dev(x, dtype=torch.long) -> torch.Tensor:
             return torch.as_tensor(x, dtype=dtype).to(self.device, non_blocking=True)
@@ -67,13 +75,13 @@ class Runner:
         batch = AttentionBatch(
             query_pos=pos,
             write_slots=dev(slots),
-            block_tables=dev(tables, torch.int32),
+            block_tables=dev(block_tables, torch.int32),
             block_size=bs,
             context_lens=dev(context_lens, torch.int32),
             query_start=query_start,
             context_lens_host=context_lens,
-            decode=all(n == 1 for _, n in plan.work),
-            num_decodes=next((b for b, (_, n) in enumerate(plan.work) if n > 1), len(plan.work)),
+            decode=len(tables) == len(tokens),
+            num_decodes=next((b for b in range(len(tables)) if query_start[b + 1] - query_start[b] > 1), len(tables)),
         )
         return dev(tokens), pos, batch, dev(rows), sampled
 

@@ -6,6 +6,7 @@ under the step's token budget, and under a smaller prefill budget while decodes 
 would stall every decode of the step: TPOT spikes). A new request starts past the prefix that the cache already
 holds (:mod:`shiftlib.engine.prefix_cache`). When cache blocks run out, the newest running request is
 preempted: its blocks are freed and it is recomputed later from its prompt and the tokens it already produced.
+A speculative draft rides with its request's decode on what budget and blocks are left: it never preempts.
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ class Scheduler:
 
     def _preempt(self, seq: Sequence) -> None:
         self.allocator.free(seq.blocks)
-        seq.blocks, seq.keys, seq.num_cached, seq.status = [], [], 0, Status.WAITING
+        seq.blocks, seq.keys, seq.num_cached, seq.status, seq.draft = [], [], 0, Status.WAITING, []
         self.running.remove(seq)
         self.waiting.appendleft(seq)
 
@@ -76,6 +77,10 @@ class Scheduler:
         for seq in sorted(self.running, key=lambda s: (s.pending > 1, s.arrival)):
             if seq.status is not Status.RUNNING or (n := room(seq)) == 0:
                 continue
+            if seq.draft:  # it takes what is left of the budget and of the blocks the others' next tokens need not
+                spare = (len(seq.blocks) + max(self.allocator.num_free - len(self.running), 0)) * self.block_size
+                seq.draft = seq.draft[: max(min(budget - n, spare - seq.num_tokens), 0)]
+                n += len(seq.draft)
             while self._blocks_needed(seq, n) > self.allocator.num_free:
                 victim = max((s for s in self.running if s.id not in scheduled), key=lambda s: s.arrival)
                 self._preempt(victim)
@@ -103,11 +108,19 @@ class Scheduler:
         return StepPlan(work, pick_mode(total) if work else "tp", preempted)
 
     def advance(self, plan: StepPlan) -> None:
-        """The step ran: its tokens are in the cache, and its newly full blocks may serve later requests."""
+        """The step ran: its tokens are in the cache, and its newly full blocks may serve later requests (draft
+        tokens count once verified: :meth:`rollback`)."""
         for seq, n in plan.work:
-            seq.num_cached += n
+            seq.num_cached += n - len(seq.draft)
             if self.prefix_caching:
                 prefix_cache.offer(self.allocator, seq, self.block_size)
+
+    def rollback(self, seq: Sequence, accepted: int) -> None:
+        """A verified draft: its first ``accepted`` tokens are cached; free the blocks its rejected ones took."""
+        seq.num_cached, seq.draft = seq.num_cached + accepted, []
+        keep = -(-seq.num_cached // self.block_size)
+        self.allocator.free(seq.blocks[keep:])
+        del seq.blocks[keep:]
 
     def finish(self, seq: Sequence) -> None:
         self.allocator.free(seq.blocks)

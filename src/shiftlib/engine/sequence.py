@@ -29,6 +29,7 @@ class Sequence:
     blocks: list[int] = field(default_factory=list)
     keys: list[object] = field(default_factory=list)  # prefix keys of the leading full blocks, once computed
     num_cached: int = 0  # leading tokens whose K/V are in the cache
+    draft: list[int] = field(default_factory=list)  # speculated tokens to verify after the pending one
     first_token_time: float | None = None
     finish_time: float | None = None
     finish_reason: str | None = None

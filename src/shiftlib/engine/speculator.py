@@ -1,0 +1,262 @@
+"""SuffixDecoding (arXiv 2411.04975): draft tokens from text already seen, so no draft model is needed.
+
+Two indexes feed the drafts: one per request over its prompt and output, and one global index over the
+responses of finished requests (at most ``max_cached`` of them, the oldest evicted first). For the context's
+tail the longest matches are found; from each, the walk follows the most frequent continuation, a token's
+probability being the running product of ``count(s + t) / count(s)``, and stops under ``min_prob``. A match of
+``m`` tokens may draft ``min(num_speculative_tokens, m)`` tokens; the draft of best score (sum of
+probabilities) wins, the longer match on ties, the request's own index over the global one.
+
+The indexes are suffix automata rather than the paper's suffix trees: the same occurrence counts of every
+substring, but an appended token costs amortized O(1) dict updates in Python where a depth-64 suffix tree
+costs 64. Every rank runs the same speculator on the same tokens, so drafts agree without a collective.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+from shiftlib.engine.scheduler import Scheduler
+from shiftlib.engine.sequence import Sequence
+
+SPECULATIVE = (None, "suffix")
+NONE, STALE = -1, -2  # best-child markers: no child yet; a child lost an occurrence and may no longer lead
+
+
+class SuffixIndex:
+    """Occurrence counts of every substring of a set of token sequences (a generalized suffix automaton).
+
+    A state stands for substrings that end at the same positions; ``count[v]`` is how many positions of live
+    sequences that is, and ``best[v]`` the token of its most frequent continuation (the smallest on ties),
+    kept up to date as tokens arrive: only the states of the previous prefix's suffixes gain a child
+    occurrence. A removed sequence only lowers counts (its states stay, counted zero) and marks the
+    best children it lowered stale; the automaton is rebuilt from the live sequences once dead tokens
+    outnumber them. ``version`` changes with every change.
+    """
+
+    def __init__(self) -> None:
+        self.next: list[dict[int, int]] = [{}]
+        self.link, self.length, self.count, self.best = [-1], [0], [0], [NONE]
+        self.ends: dict[int, list[int]] = {}  # sequence key -> the state of each of its prefixes
+        self.tokens: dict[int, list[int]] = {}
+        self.dead = self.version = 0
+
+    def extend(self, key: int, tokens: list[int]) -> None:
+        """Append ``tokens`` to sequence ``key`` (a new one if unseen)."""
+        self.version += 1
+        ends = self.ends.setdefault(key, [])
+        self.tokens.setdefault(key, []).extend(tokens)
+        nxt, link, count, best = self.next, self.link, self.count, self.best
+        last = ends[-1] if ends else 0
+        for t in tokens:
+            prev, last = last, self._append(last, t)
+            ends.append(last)
+            v = last
+            while v != -1:  # the new position ends every suffix of the prefix: one more occurrence of each
+                count[v] += 1
+                v = link[v]
+            v = prev
+            while v != -1:  # ... and those are the children on t of the previous prefix's suffixes
+                b = best[v]
+                if b == NONE:
+                    best[v] = t
+                elif b >= 0 and b != t:
+                    c, cb = count[nxt[v][t]], count[nxt[v][b]]
+                    if c > cb or (c == cb and t < b):
+                        best[v] = t
+                v = link[v]
+
+    def _append(self, last: int, t: int) -> int:
+        nxt, link, length = self.next, self.link, self.length
+        q = nxt[last].get(t)
+        if q is not None:  # the prefix already occurs (in another sequence): reuse or split its state
+            return q if length[q] == length[last] + 1 else self._split(last, t, q)
+        cur = self._state(length[last] + 1, {}, 0, 0, NONE)
+        p = last
+        while p != -1 and t not in nxt[p]:
+            nxt[p][t] = cur
+            p = link[p]
+        if p == -1:
+            link[cur] = 0
+        else:
+            q = nxt[p][t]
+            link[cur] = q if length[q] == length[p] + 1 else self._split(p, t, q)
+        return cur
+
+    def _split(self, p: int, t: int, q: int) -> int:
+        """Give the strings of ``q`` up to ``length[p] + 1`` tokens a state of their own."""
+        clone = self._state(self.length[p] + 1, dict(self.next[q]), self.link[q], self.count[q], self.best[q])
+        self.link[q] = clone
+        while p != -1 and self.next[p].get(t) == q:
+            self.next[p][t] = clone
+            p = self.link[p]
+        return clone
+
+    def _state(self, length: int, nxt: dict[int, int], link: int, count: int, best: int) -> int:
+        self.next.append(nxt)
+        self.link.append(link)
+        self.length.append(length)
+        self.count.append(count)
+        self.best.append(best)
+        return len(self.length) - 1
+
+    def remove(self, key: int) -> None:
+        self.version += 1
+        prev = 0
+        for v, t in zip(self.ends.pop(key), self.tokens[key]):
+            u = v
+            while u != -1:
+                self.count[u] -= 1
+                u = self.link[u]
+            u = prev
+            while u != -1:
+                if self.best[u] == t:
+                    self.best[u] = STALE
+                u = self.link[u]
+            prev = v
+        self.dead += len(self.tokens.pop(key))
+        if self.dead > sum(map(len, self.tokens.values())):
+            live, version = self.tokens, self.version
+            self.__init__()
+            self.version = version
+            for k, toks in live.items():
+                self.extend(k, toks)
+
+    def match(self, tokens: list[int], v: int = 0, m: int = 0) -> tuple[int, int]:
+        """State and length of the longest suffix of ``tokens`` that occurs in a live sequence, given those of
+        the tokens before them (``v``, ``m``)."""
+        nxt, count = self.next, self.count
+        for t in tokens:
+            u = nxt[v].get(t)
+            while v and not (u and count[u]):
+                v = self.link[v]
+                m, u = self.length[v], nxt[v].get(t)
+            if u and count[u]:
+                v, m = u, m + 1
+        return v, m
+
+    def draft(self, v: int, m: int, limit: int, min_prob: float, best: tuple[float, list[int]]) -> tuple[float, list]:
+        """The best of ``best`` and the drafts of the suffixes (``m`` tokens at most) that state ``v`` matched.
+
+        A match of ``n`` tokens drafts ``min(limit, n)`` at most; shorter matches come later and win only with
+        a strictly higher score, and are skipped once their cap cannot beat it.
+        """
+        nxt, count, length, link, kid = self.next, self.count, self.length, self.link, self.best
+        while v > 0:
+            up = link[v]
+            m = min(m, length[v])
+            if m > length[up]:  # else the state's suffixes are all longer than m
+                cap = min(limit, m)
+                if cap <= best[0]:
+                    break
+                u, prob, score, tokens = v, 1.0, 0.0, []
+                while len(tokens) < cap and kid[u] != NONE:
+                    if kid[u] == STALE:
+                        kids = nxt[u]
+                        kid[u] = max(kids, key=lambda k: (count[kids[k]], -k))
+                    t = kid[u]
+                    w = nxt[u][t]
+                    prob *= count[w] / count[u]
+                    if prob < min_prob:
+                        break
+                    tokens.append(t)
+                    score += prob
+                    u = w
+                if score > best[0]:
+                    best = (score, tokens)
+            v = up
+        return best
+
+
+class SuffixSpeculator:
+    """Proposes a draft per request from its own tokens and from earlier responses.
+
+    Args:
+        num_speculative_tokens: draft length at most.
+        max_depth: the longest context tail matched.
+        min_prob: a draft stops before a token whose estimated probability falls below it.
+        max_batch: no drafts in a step of more running requests (verification would cost more than it saves).
+        max_cached: finished responses kept in the global index (``0`` disables it).
+    """
+
+    def __init__(self, num_speculative_tokens: int = 16, max_batch: int = 32, max_depth: int = 64,
+                 min_prob: float = 0.1, max_cached: int = 1024) -> None:  # fmt: skip
+        if num_speculative_tokens < 1:
+            raise ValueError(f"num_speculative_tokens must be >= 1, got {num_speculative_tokens}")
+        if not 0 < min_prob <= 1:
+            raise ValueError(f"min_prob must be in (0, 1], got {min_prob}")
+        self.num_speculative_tokens, self.max_depth, self.min_prob = num_speculative_tokens, max_depth, min_prob
+        self.max_cached, self.max_batch = max_cached, max_batch
+        self.local: dict[int, SuffixIndex] = {}
+        self.responses = SuffixIndex()
+        self.cached: deque[int] = deque()
+        self.matched: dict[int, tuple[int, int, int, int]] = {}  # key -> the index version, tokens seen, match
+
+    def draft(self, running: list[Sequence], max_context: int) -> None:
+        """Set the draft of every running request: none while it prefills or when the batch is too large;
+        never past ``max_new_tokens`` (the draft and the token after it) or the model's context."""
+        on = len(running) <= self.max_batch
+        for seq in running:
+            left = min(seq.params.max_new_tokens - len(seq.output) - 1, max_context - seq.num_tokens)
+            seq.draft = self.propose(seq.id, seq.prompt, seq.output, left) if on and seq.pending == 1 else []
+
+    def propose(self, key: int, prompt: list[int], output: list[int], limit: int) -> list[int]:
+        """Draft at most ``limit`` tokens to follow the request's ``prompt + output``."""
+        if limit < 1:
+            return []
+        local = self.local.setdefault(key, SuffixIndex())
+        local.extend(0, _tokens_from(prompt, output, len(local.ends.get(0, ()))))
+        limit = min(limit, self.num_speculative_tokens)
+        best = local.draft(local.ends[0][-1], self.max_depth, limit, self.min_prob, (0.0, []))
+        if self.cached:
+            index, n = self.responses, len(prompt) + len(output)
+            version, seen, v, m = self.matched.get(key, (-1, 0, 0, 0))
+            if version != index.version:  # the index changed: match the tail afresh
+                seen, v, m = max(n - self.max_depth, 0), 0, 0
+            v, m = index.match(_tokens_from(prompt, output, seen), v, m)
+            self.matched[key] = (index.version, n, v, m)
+            best = index.draft(v, min(m, self.max_depth), limit, self.min_prob, best)
+        return best[1]
+
+    def finish(self, key: int, output: list[int]) -> None:
+        """A request ended: drop its own index, keep its response for later requests."""
+        self.local.pop(key, None)
+        self.matched.pop(key, None)
+        if self.max_cached and output:
+            self.responses.extend(key, output)
+            self.cached.append(key)
+            if len(self.cached) > self.max_cached:
+                self.responses.remove(self.cached.popleft())
+
+
+def verify(rows: list[Sequence], tokens: list[int], scheduler: Scheduler) -> tuple[list, int, int]:
+    """Each request's new tokens, from the tokens chosen for its rows (one per row); and the draft tokens
+    verified and accepted in all.
+
+    A draft of ``k`` tokens ran as ``k + 1`` rows: its tokens hold up to the first that differs from the
+    token the target chose at that position (the argmax, or a sample: either way the output keeps the
+    target's distribution), and that chosen token follows. Rejected tokens give up their cache slots.
+    """
+    out, drafted, accepted, i = [], 0, 0, 0
+    while i < len(rows):
+        seq = rows[i]
+        k, chosen = len(seq.draft), tokens[i : i + len(seq.draft) + 1]
+        j = next((j for j in range(k) if seq.draft[j] != chosen[j]), k)
+        if k:
+            scheduler.rollback(seq, j)
+        out.append((seq, chosen[: j + 1]))
+        drafted, accepted, i = drafted + k, accepted + j, i + k + 1
+    return out, drafted, accepted
+
+
+def speculator(speculative: str | None, num_speculative_tokens: int, max_batch: int) -> SuffixSpeculator | None:
+    """The engine's speculator for ``speculative`` (``None``: no speculation)."""
+    if speculative not in SPECULATIVE:
+        raise ValueError(f"unknown speculative={speculative!r}: use 'suffix' (SuffixDecoding: drafts from the prompt "
+                         f"and earlier responses) or None")
+    return speculative and SuffixSpeculator(num_speculative_tokens, max_batch)
+
+
+def _tokens_from(prompt: list[int], output: list[int], start: int) -> list[int]:
+    """``(prompt + output)[start:]`` without copying the whole context."""
+    return prompt[start:] + output if start < len(prompt) else output[start - len(prompt) :]

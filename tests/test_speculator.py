@@ -1,0 +1,96 @@
+"""The suffix speculator against a brute-force model: counts, matches, eviction and drafts by definition."""
+
+from __future__ import annotations
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from shiftlib.engine.speculator import SuffixIndex, SuffixSpeculator
+
+texts = st.lists(st.integers(0, 3), min_size=1, max_size=40)  # a small alphabet: many repeats
+
+
+def occurrences(seqs: list[list[int]], s: list[int]) -> int:
+    return sum(seq[i : i + len(s)] == s for seq in seqs for i in range(len(seq) - len(s) + 1))
+
+
+def longest_suffix(seqs: list[list[int]], tokens: list[int]) -> int:
+    return max((m for m in range(len(tokens) + 1) if occurrences(seqs, tokens[len(tokens) - m :])), default=0)
+
+
+def brute_draft(seqs, context, limit, max_depth=64, min_prob=0.1) -> tuple[float, list[int]]:
+    """The definition: every match length, shortest first, a later (longer) match winning ties."""
+    alphabet = sorted({t for seq in seqs for t in seq})
+    best = (0.0, [])
+    for m in range(1, min(len(context), max_depth) + 1):
+        s = context[-m:]
+        if not occurrences(seqs, s):
+            break
+        cap = min(limit, m)
+        tokens, prob, score = [], 1.0, 0.0
+        while len(tokens) < cap:
+            counts = {t: occurrences(seqs, s + tokens + [t]) for t in alphabet}
+            t = max(alphabet, key=lambda t: (counts[t], -t))
+            if not counts[t]:
+                break
+            prob *= counts[t] / occurrences(seqs, s + tokens)
+            if prob < min_prob:
+                break
+            tokens.append(t)
+            score += prob
+        if score >= best[0]:
+            best = (score, tokens)
+    return best
+
+
+@settings(max_examples=60, deadline=None)
+@given(seqs=st.lists(texts, min_size=1, max_size=4), queries=st.lists(texts, min_size=1, max_size=6), removed=st.integers(0, 3))
+def test_counts_and_longest_matches_equal_brute_force_after_removals(seqs, queries, removed):
+    index = SuffixIndex()
+    for key, seq in enumerate(seqs):
+        index.extend(key, seq[: len(seq) // 2])  # sequences grow in two parts, interleaved
+    for key, seq in enumerate(seqs):
+        index.extend(key, seq[len(seq) // 2 :])
+    for key in range(min(removed, len(seqs))):
+        index.remove(key)
+    live = seqs[min(removed, len(seqs)) :]
+    for q in queries:
+        state, m = index.match(q)
+        assert m == longest_suffix(live, q)
+        if m:
+            assert index.count[state] == occurrences(live, q[len(q) - m :])
+
+
+@settings(max_examples=60, deadline=None)
+@given(context=texts, extra=texts, limit=st.integers(1, 16), min_prob=st.sampled_from([0.1, 0.3, 0.6]),
+       max_depth=st.integers(1, 12))  # fmt: skip
+def test_own_drafts_equal_brute_force(context, extra, limit, min_prob, max_depth):
+    spec = SuffixSpeculator(max_depth=max_depth, min_prob=min_prob, max_cached=0)
+    assert spec.propose(0, context, [], limit) == brute_draft([context], context, limit, max_depth, min_prob)[1]
+    grown = context + extra  # the request's index catches up with the tokens it has not seen
+    assert spec.propose(0, context, extra, limit) == brute_draft([grown], grown, limit, max_depth, min_prob)[1]
+
+
+@settings(max_examples=40, deadline=None)
+@given(responses=st.lists(texts, min_size=1, max_size=8), context=texts, max_cached=st.integers(1, 4), limit=st.integers(1, 16))
+def test_drafts_use_the_newest_responses_and_evict_the_oldest(responses, context, max_cached, limit):
+    spec = SuffixSpeculator(max_cached=max_cached)
+    for key, r in enumerate(responses):  # a running request proposes while others finish and grow its context
+        spec.finish(key, r)
+        grown = context + r[: key % 3]  # given as prompt and output
+        kept = responses[max(key + 1 - max_cached, 0) : key + 1]
+        own, other = brute_draft([grown], grown, limit), brute_draft(kept, grown, limit)
+        assert spec.propose(-1, context, r[: key % 3], limit) == (other if other[0] > own[0] else own)[1]
+        context = grown
+    assert list(spec.cached) == list(range(len(responses)))[-max_cached:]
+
+
+def test_a_passage_seen_before_is_drafted_from_where_its_copy_has_reached():
+    passage = list(range(100, 140))
+    spec = SuffixSpeculator()
+    assert spec.propose(0, passage, passage[:5], 32) == passage[5:10]  # 5 matched tokens allow 5
+    assert spec.propose(0, passage, passage[:20], 32) == passage[20:36]  # at most num_speculative_tokens
+    assert spec.propose(0, passage + passage[:20], [], 3) == passage[20:23]  # at most what the caller allows
+    spec.finish(0, passage)
+    assert spec.propose(1, [7], passage[:12], 16) == passage[12:24]  # from an earlier response
+    assert spec.propose(2, [1, 2, 3, 4], [], 16) == []
