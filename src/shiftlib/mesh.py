@@ -86,8 +86,9 @@ def shutdown() -> None:
     if not _failed:
         for name in [dist.group.WORLD.group_name, *_groups]:
             group = dist.distributed_c10d._resolve_process_group(name)
-            dist.barrier(group=group)
-            dist.barrier(group=group)  # gloo runs two workers per group: one barrier each
+            devices = [torch.cuda.current_device()] if dist.get_backend(group) == "nccl" else None
+            for _ in range(2):  # gloo runs two workers per group: one barrier each
+                dist.barrier(group=group, device_ids=devices)
     _groups.clear()
     if _owns_group:
         _owns_group = False
