@@ -8,7 +8,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import shiftlib
-from helpers import ALL_FAMILIES, SHAPES, hf_greedy, parallel, prompts, rel_error
+from helpers import ALL_FAMILIES, SHAPES, hf_greedy, parallel, prompts, rel_error, reference
 from shiftlib import Engine, SamplingParams
 from shiftlib.cache import BlockAllocator
 from shiftlib.engine.sampler import filter_logits, sample
@@ -378,3 +378,45 @@ def _static_decode(tp: int, sp: int) -> bool:
 def test_graph_buffers_and_padding_give_hugging_face_tokens(ranks):
     assert all(ranks(2).run(_static_decode, 1, 2))
     assert all(ranks(2).run(_static_decode, 2, 1))
+
+
+def _abort_min_tokens_logprobs() -> tuple:
+    engine = Engine(parallel("llama", 1, 2), num_blocks=16, block_size=4)
+    ps = prompts((5, 9))
+    first = hf_greedy("llama", ps[0], 1)[0]
+    keep = engine.add_request(ps[0], SamplingParams(max_new_tokens=6, logprobs=3))
+    drop = engine.add_request(ps[1], SamplingParams(max_new_tokens=30))
+    # the greedy first token ends this request, but not before two tokens are out
+    late = engine.add_request(ps[0], SamplingParams(max_new_tokens=4, stop_token_ids=(first,), min_tokens=2))
+    engine.step()
+    free = engine.scheduler.allocator.num_free
+    engine.abort(drop)
+    freed = engine.scheduler.allocator.num_free - free
+    while engine.has_unfinished:
+        engine.step()
+    seq = engine.requests[keep]
+    # with drafts verified in the step, the logprobs of accepted tokens come from their own rows
+    spec = Engine(parallel("llama", 1, 2), num_blocks=32, block_size=4, speculative="suffix")
+    rep = spec.add_request(ps[0] * 4, SamplingParams(max_new_tokens=12, logprobs=2))
+    while spec.has_unfinished:
+        spec.step()
+    accepted = sum(s.accepted for s in spec.stats)
+    spec_seq = spec.requests[rep]
+    return (freed, engine.requests[drop].finish_reason, seq.output, seq.logprobs, engine.completion(late).tokens, first,
+            spec_seq.output, spec_seq.logprobs, accepted)
+
+
+def test_abort_frees_blocks_at_once_min_tokens_holds_back_stops_and_logprobs_are_log_softmax(ranks):
+    freed, reason, output, logprobs, late, stop, spec_out, spec_logprobs, accepted = ranks(2).run(
+        _abort_min_tokens_logprobs)[0]
+    assert freed > 0 and reason == "abort"
+    assert stop not in late[:2] and len(late) >= 2
+    assert accepted > 0 and len(spec_logprobs) == len(spec_out) == 12
+    prompt = prompts((5,))[0]
+    for context, out, recorded, k in ((prompt, output, logprobs, 3), (prompt * 4, spec_out, spec_logprobs, 2)):
+        lp = reference("llama")(torch.tensor([context + out])).logits[0, len(context) - 1 : -1].log_softmax(-1)
+        for i, (token, (chosen, top)) in enumerate(zip(out, recorded)):
+            assert abs(chosen - lp[i, token].item()) < 1e-9
+            values, indices = lp[i].topk(k)
+            assert [t for t, _ in top] == indices.tolist()
+            assert max(abs(a - b) for (_, a), b in zip(top, values.tolist())) < 1e-9

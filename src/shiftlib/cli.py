@@ -8,8 +8,8 @@ rank 0 prints one line on stderr and every rank exits with code 2 at once. Error
 agreed between ranks by :func:`shiftlib.from_pretrained`. Anything else is a bug or a crash: it keeps its
 traceback, and torchrun stops the other ranks when one exits non-zero.
 
-Each subcommand sets ``func(args) -> int`` on its parser. ``bench`` lives in ``shiftlib.bench.cli``
-(``add_parser(subparsers)`` and ``run(args)``) and is listed when that module exists.
+Each subcommand sets ``func(args) -> int`` on its parser. ``bench`` and ``serve`` live in ``shiftlib.bench.cli``
+and ``shiftlib.serve.cli`` (``add_parser(subparsers)`` and ``run(args)``) and are listed when those modules exist.
 """
 
 from __future__ import annotations
@@ -374,7 +374,8 @@ COMMANDS = {
     "generate": ("generate completions for prompts (run under torchrun for several ranks)", _add_generate),
     "info": ("print the mesh, the head-to-rank map and the memory per rank", _add_info),
 }
-PLUGINS = {"bench": "shiftlib.bench.cli"}  # modules with add_parser(subparsers) -> parser, and run(args) -> int
+# Modules with add_parser(subparsers) -> parser, and run(args) -> int.
+PLUGINS = {"bench": "shiftlib.bench.cli", "serve": "shiftlib.serve.cli"}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -14,7 +14,7 @@ from shiftlib.cache import BlockAllocator, PagedKVCache
 from shiftlib.engine.failure import Failure
 from shiftlib.engine.memory import kv_blocks
 from shiftlib.engine.runner import GRAPH_BUCKETS, Runner
-from shiftlib.engine.sampler import SamplingParams, eos_ids, sample
+from shiftlib.engine.sampler import SamplingParams, ban_stops, eos_ids, record_logprobs, sample
 from shiftlib.engine.scheduler import Scheduler
 from shiftlib.engine.sequence import Sequence, Status
 from shiftlib.engine.speculator import speculator, verify
@@ -220,6 +220,11 @@ class Engine:
                 self.scheduler.waiting.remove(seq)
             seq.status = Status.FINISHED
 
+    def abort(self, rid: int) -> None:
+        """Stop a request now (its client went away), freeing its cache blocks; finished ones are left as they are."""
+        if (seq := self.requests.get(rid)) is not None and seq.status is not Status.FINISHED:
+            self._finish(seq, "abort")
+
     @property
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work
@@ -253,10 +258,12 @@ class Engine:
         if not plan.work:
             return []
         logits, rows = self.runner.run(plan)  # a request with a draft of k tokens has k + 1 rows
-        tokens = self.failure.tolist(sample(logits, [s.params for s in rows], [s.generator for s in rows])) if rows else []
+        logits_ok = ban_stops(logits, rows, self.stop_ids)  # min_tokens
+        tokens = self.failure.tolist(sample(logits_ok, [s.params for s in rows], [s.generator for s in rows])) if rows else []
         now = time.perf_counter()
         self.scheduler.advance(plan)
         events, (verified, drafted, accepted) = [], verify(rows, tokens, self.scheduler)
+        record_logprobs(logits, rows, verified)
         for seq, new in verified:
             for token in new:  # a stop inside accepted draft tokens ends the request there
                 seq.output.append(token)

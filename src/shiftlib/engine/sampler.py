@@ -19,9 +19,13 @@ class SamplingParams:
         seed: makes a sampled request reproducible across runs; draws are identical on every rank either way.
         stop_token_ids: tokens that end the request (the model's EOS does too unless ``ignore_eos``).
         ignore_eos: generate through EOS (fixed output lengths for benchmarks).
+        min_tokens: EOS and ``stop_token_ids`` cannot be chosen before this many new tokens.
+        logprobs: record each new token's log-probability and the ``logprobs`` most likely alternatives in
+            ``Sequence.logprobs`` (``None``: record nothing, the fast path).
 
     Raises:
-        ValueError: ``max_new_tokens < 0``, ``temperature < 0``, ``top_p`` outside (0, 1], ``top_k < 0``.
+        ValueError: ``max_new_tokens < 0``, ``temperature < 0``, ``top_p`` outside (0, 1], ``top_k < 0``,
+            ``min_tokens < 0``, ``logprobs < 0``.
 
     Example:
         >>> SamplingParams(max_new_tokens=32, temperature=0.7, top_p=0.9, seed=0)
@@ -34,6 +38,8 @@ class SamplingParams:
     seed: int | None = None
     stop_token_ids: tuple[int, ...] = field(default_factory=tuple)
     ignore_eos: bool = False
+    min_tokens: int = 0
+    logprobs: int | None = None
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 0:
@@ -44,6 +50,8 @@ class SamplingParams:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
             raise ValueError(f"top_k must be >= 0 (0 disables it), got {self.top_k}")
+        if self.min_tokens < 0 or (self.logprobs is not None and self.logprobs < 0):
+            raise ValueError(f"min_tokens and logprobs must be >= 0, got {self.min_tokens} and {self.logprobs}")
 
 
 TOP_P_CANDIDATES = 1024  # top-p alone looks for its cut among this many most likely tokens first
@@ -109,3 +117,47 @@ def eos_ids(model) -> frozenset[int]:
     if eos is None:
         return frozenset()
     return frozenset([eos] if isinstance(eos, int) else eos)
+
+
+def _positions(rows: list) -> list[int]:
+    """Each row's output position: a request with a draft has rows for positions ``len(output) + j``."""
+    out, seen = [], {}
+    for s in rows:
+        seen[s.id] = seen.get(s.id, -1) + 1
+        out.append(len(s.output) + seen[s.id])
+    return out
+
+
+def ban_stops(logits: torch.Tensor, rows: list, stop_ids: frozenset[int]) -> torch.Tensor:
+    """``logits`` with EOS and the stop tokens at -inf in the rows of positions short of their ``min_tokens``."""
+    if not any(s.params.min_tokens for s in rows):
+        return logits
+    cells = [(i, t) for i, (s, pos) in enumerate(zip(rows, _positions(rows))) if pos < s.params.min_tokens
+             for t in set(s.params.stop_token_ids) | (set() if s.params.ignore_eos else stop_ids)]
+    if not cells:
+        return logits
+    logits = logits.clone()
+    logits[tuple(torch.tensor(c, device=logits.device) for c in zip(*cells))] = float("-inf")
+    return logits
+
+
+def record_logprobs(logits: torch.Tensor, rows: list, verified: list) -> None:
+    """Append ``(log-probability, [(token, log-probability)] of the top alternatives)`` for each new token of
+    the requests that ask, to their ``logprobs``: the model's own distribution, before temperature, top-k/top-p
+    and ``min_tokens``. ``verified``: ``(request, new tokens)``, the new tokens from the request's first rows."""
+    want = [(seq, new) for seq, new in verified if seq.params.logprobs is not None and new]
+    if not want:
+        return
+    first: dict[int, int] = {}
+    for i, s in enumerate(rows):
+        first.setdefault(s.id, i)
+    index = [first[seq.id] + j for seq, new in want for j in range(len(new))]
+    lp = logits[index].to(torch.promote_types(logits.dtype, torch.float32)).log_softmax(-1)
+    chosen = lp.gather(1, torch.tensor([[t] for _, new in want for t in new], device=lp.device)).flatten().tolist()
+    top = lp.topk(min(max(seq.params.logprobs for seq, _ in want), lp.shape[-1]), dim=-1)
+    values, ids, r = top.values.tolist(), top.indices.tolist(), 0
+    for seq, new in want:
+        n = seq.params.logprobs
+        for _ in new:
+            seq.logprobs.append((chosen[r], list(zip(ids[r][:n], values[r][:n]))))
+            r += 1

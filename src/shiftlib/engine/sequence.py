@@ -33,6 +33,7 @@ class Sequence:
     first_token_time: float | None = None
     finish_time: float | None = None
     finish_reason: str | None = None
+    logprobs: list[tuple[float, list[tuple[int, float]]]] = field(default_factory=list)  # one per output token
 
     @property
     def tokens(self) -> list[int]:
