@@ -84,7 +84,10 @@ class JobRun:
                     batch.append(self.queue.get_nowait())
                 yield [d for d in map(self._apply, batch) if d is not None]
         finally:
-            self.link.abort([uid for uid, c in zip(self.uids, self.choices) if c.finish is None])
+            left = [uid for uid, c in zip(self.uids, self.choices) if c.finish is None]
+            self.link.abort(left)
+            for _ in left:  # the client went away, or the engine failed
+                self.metrics.finish("abort", time.monotonic() - self.arrival)
 
     def _apply(self, out: Output) -> Delta | None:
         c = self.choices[out.index]
@@ -187,7 +190,7 @@ def build_app(link: EngineLink, tokenizer, defaults: dict, config: FrontendConfi
             headers = {"Retry-After": str(RETRY_AFTER_S)} if e.status == 503 else None
             return JSONResponse(e.body(), status_code=e.status, headers=headers)
         run = JobRun(job, link, decode, metrics)
-        shape = Shapes(kind, name, token_text, job.return_token_ids)
+        shape = Shapes(kind, name, (lambda t: f"token_id:{t}") if job.tokens_as_ids else token_text, job.return_token_ids)
         if job.stream:
             return EventSourceResponse(_events(run, shape))
         return await _whole(run, shape, request)

@@ -3,8 +3,8 @@
 It never touches the model or a process group; it owns the socket, the tokenizer (prompts in, text out), the
 stop strings and the metrics. Messages on the pipe, as tuples:
 
-- to rank 0: ``("listening", url)`` or ``("error", why)`` once; then ``("add", [Arrival])``,
-  ``("abort", [uid])``, and ``("drained",)`` in answer to ``drain``;
+- to rank 0: ``("listening", url)`` or ``("error", why)`` once, ``("serving",)`` in answer to ``ready``; then
+  ``("add", [Arrival])``, ``("abort", [uid])``, and ``("drained",)`` in answer to ``drain``;
 - from rank 0: ``("ready", Limits, threshold, mode)`` when the engine is built; ``("step", outputs, started,
   rejected, StepInfo)`` after each step, ``outputs`` as ``(uid, tokens, logprobs or None, finish reason or
   None)``; ``("aborted", [uid], why)``; ``("drain",)`` on SIGINT/SIGTERM; ``("failed", why)`` when the engine
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import signal
 import socket
 import sys
@@ -115,6 +116,7 @@ class EngineLink:
             self.limits, threshold, mode = body
             self.metrics.configure(threshold, mode)
             self.state = "serving"
+            self.conn.send(("serving",))
         elif kind == "drain":
             self.state = "draining"
             self.conn.send(("drained",))
@@ -175,4 +177,8 @@ def run_frontend(conn, config: FrontendConfig) -> None:
     link.server = Server(uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=5,
                                         timeout_keep_alive=30))
     link.server.run(sockets=[sock])
-    sys.exit(link.exit_code)
+    # Every response is sent and every socket closed; this process holds no file, so skip the interpreter's
+    # teardown of torch and friends (seconds on a busy machine, and rank 0 waits for it).
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(link.exit_code)

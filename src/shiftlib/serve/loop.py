@@ -70,7 +70,9 @@ class FrontendPipe:
         return None if kind == "listening" else detail
 
     def start(self, limits: Limits, threshold: int, mode: str) -> None:
+        """Open the HTTP side (it answers ``serving`` once requests are taken) and take over SIGINT and SIGTERM."""
         self.conn.send(("ready", limits, threshold, mode))
+        self._recv()
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, self._on_signal)
         signal.set_wakeup_fd(self._wake_w.fileno())
@@ -170,7 +172,7 @@ class Lockstep:
                 self._apply(message)
                 if message.shutdown:
                     return
-            if engine.has_unfinished or self.rejected:
+            if engine.has_unfinished or message is not None or self.rejected:  # aborts change the gauges too
                 start = time.monotonic()
                 events = engine.step() if engine.has_unfinished else []
                 self._after_step(events, start, message is not None, sync_s)

@@ -57,6 +57,7 @@ class _Request(BaseModel):
     stop_token_ids: list[int] = []
     min_tokens: int = Field(0, ge=0)
     return_token_ids: bool = False
+    return_tokens_as_token_ids: bool = False
     # in OpenAI's API but not served here: accepted only at their neutral values
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
@@ -125,6 +126,7 @@ class Job:
     stream: bool
     include_usage: bool
     return_token_ids: bool
+    tokens_as_ids: bool
 
     def prompt_of(self, choice: int) -> list[int]:
         return self.prompts[choice // self.n]
@@ -203,13 +205,14 @@ def prepare(body: Any, kind: str, tokenizer, limits: Limits, defaults: dict, mod
         )
         params += [replace(base, seed=None if req.seed is None else req.seed + len(params) + j) for j in range(req.n)]
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
-    return Job(kind, prompts, params, req.n, stops, req.stream, include_usage, req.return_token_ids)
+    return Job(kind, prompts, params, req.n, stops, req.stream, include_usage, req.return_token_ids,
+               req.return_tokens_as_token_ids)
 
 
 def _completion_prompts(tokenizer, prompt) -> list[list[int]]:
     if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)):
         prompt = [prompt]
-    if not prompt:
+    if not prompt or any(len(p) == 0 for p in prompt):
         raise RequestError("prompt is empty: send a string, a list of token ids, or a list of either", "prompt")
     return [list(tokenizer.encode(p)) if isinstance(p, str) else list(p) for p in prompt]
 
