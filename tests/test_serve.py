@@ -278,7 +278,8 @@ class TestTwoRanksTP(Serving):
         long = {"model": "tiny", "prompt": "Hello", "max_tokens": 400, "ignore_eos": True, "stream": True}
         with httpx.Client(base_url=server.url, timeout=60) as c1, httpx.Client(base_url=server.url, timeout=60) as c2:
             with c1.stream("POST", "/v1/completions", json=long) as running:
-                assert next(running.iter_lines()).startswith("data: ")  # running (--max-num-seqs 1)
+                lines = running.iter_lines()  # kept: a dropped iterator closes the connection (an abort)
+                assert next(lines).startswith("data: ")  # running (--max-num-seqs 1)
                 with c2.stream("POST", "/v1/completions", json=long) as waiting:  # waiting: the queue is full
                     assert _wait_until(lambda: server.metrics()[("shiftlib:num_requests_waiting",)] == 1)
                     r = server.http.post("/v1/completions", json=long)
