@@ -26,6 +26,7 @@ import signal
 import sys
 import tempfile
 import time
+from array import array
 from pathlib import Path
 
 import torch
@@ -160,8 +161,8 @@ def _sync_rank(rank: int, world: int, port: int, steps: int, queue) -> None:
     params = shiftlib.SamplingParams(max_new_tokens=64)
     payloads = {
         "nothing new": None,
-        "1 arrival of 512 tokens": StepMessage([Arrival(0, list(range(512)), params)]),
-        "64 arrivals of 512 tokens": StepMessage([Arrival(i, list(range(512)), params) for i in range(64)]),
+        "1 arrival of 512 tokens": StepMessage([Arrival(0, array("i", range(512)), params)]),
+        "64 arrivals of 512 tokens": StepMessage([Arrival(i, array("i", range(512)), params) for i in range(64)]),
         "8 aborts": StepMessage(aborts=list(range(8))),
     }
     result = {}

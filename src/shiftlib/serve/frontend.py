@@ -23,10 +23,14 @@ import signal
 import socket
 import sys
 import threading
+from array import array
 from dataclasses import dataclass
 from pathlib import Path
 
 from shiftlib.serve.sync import Arrival
+
+
+BACKLOG = 4096  # connections a burst of clients may open before they are accepted
 
 
 @dataclass(frozen=True)
@@ -82,7 +86,8 @@ class EngineLink:
         for i, uid in enumerate(uids):
             self.routes[uid] = (queue, i, arrival)
         self.waiting.update(uids)
-        self.conn.send(("add", [Arrival(uid, prompt, p) for uid, prompt, p in zip(uids, prompts, params)]))
+        arrivals = [Arrival(uid, array("i", prompt), p) for uid, prompt, p in zip(uids, prompts, params)]
+        self.conn.send(("add", arrivals))
         return uids
 
     def abort(self, uids: list[int]) -> None:
@@ -147,9 +152,14 @@ def run_frontend(conn, config: FrontendConfig) -> None:
     """The HTTP process's main function (``multiprocessing`` target)."""
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, signal.SIG_IGN)
+    family = socket.AF_INET6 if ":" in config.host else socket.AF_INET
+    # proto IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY only on such sockets, and without it a response's
+    # second write waits out the client's delayed ACK (40 ms on Linux).
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     try:
-        family = socket.AF_INET6 if ":" in config.host else socket.AF_INET
-        sock = socket.create_server((config.host, config.port), family=family)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((config.host, config.port))
+        sock.listen(BACKLOG)
     except OSError as e:
         conn.send(("error", f"cannot listen on {config.host}:{config.port} ({e.strerror}): pick a free --port, "
                             f"or a --host of this machine"))

