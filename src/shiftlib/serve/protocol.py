@@ -235,8 +235,6 @@ def _chat_prompt(tokenizer, messages: list[Message]) -> list[int]:
 
 
 def _check_prompt(prompt: list[int], limits: Limits) -> int:
-    if not prompt:
-        raise RequestError("prompt is empty: send at least one token or character", "prompt")
     if min(prompt) < 0 or max(prompt) >= limits.vocab_size:
         raise RequestError(f"prompt has token ids outside the vocabulary [0, {limits.vocab_size}): send ids of "
                            f"this model's tokenizer", "prompt")
