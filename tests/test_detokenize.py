@@ -8,15 +8,26 @@ import functools
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from shiftlib.checkpoint import tiny_tokenizer
 from shiftlib.serve.detokenize import Detokenizer, StopStrings, TextStream, decoder
 
 SETTINGS = settings(max_examples=60, deadline=None)
+CORPUS = ["the quick brown fox jumps over the lazy dog", "hello world, héllo wörld ☃ 😀 €uro ab xyz"] * 3
 
 
 @functools.lru_cache(maxsize=None)
 def tok():
-    return tiny_tokenizer()
+    """A byte-level BPE tokenizer over all 256 bytes (Llama-3, Qwen, GPT style): its merges split multi-byte
+    characters across tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=330, special_tokens=["<s>", "</s>"],
+                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                                        show_progress=False))
+    return PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>")
 
 
 @functools.lru_cache(maxsize=None)
@@ -59,7 +70,7 @@ texts = st.text(st.sampled_from("ab xyz.,éö☃€😀\n"), min_size=1, max_siz
 def test_streamed_pieces_add_up_to_the_decoded_text(data, prompt_text, text):
     t = tok()
     tokens = t.encode(text, add_special_tokens=False)
-    got = stream(decoder(t), t.encode(prompt_text), chunks(data.draw, tokens))
+    got = stream(decoder(t), t.encode(prompt_text, add_special_tokens=False), chunks(data.draw, tokens))
     assert "".join(got) == t.decode(tokens, skip_special_tokens=True)
     if "\ufffd" not in text:  # a multi-byte character split over tokens is never shown half
         assert all("\ufffd" not in p for p in got)
@@ -95,7 +106,7 @@ def test_a_stop_string_across_tokens_ends_the_text_before_it(data, text):
     stop = full[start : start + data.draw(st.integers(1, 6))]
     decoy = data.draw(st.text(st.sampled_from("abxé"), min_size=1, max_size=4))
     got = stream(decoder(t), [0], chunks(data.draw, tokens), [decoy, stop])
-    cut = min(i for i in (full.find(stop), full.find(decoy)) if i >= 0)
+    cut = min((full.find(s) + len(s), full.find(s)) for s in (stop, decoy) if s in full)[1]  # complete first
     assert "".join(got) == full[:cut]
 
 
@@ -106,8 +117,8 @@ def test_no_piece_shows_text_that_later_turns_out_to_be_a_stop_string(pieces, st
     """Fed piece by piece, the shown text is always a prefix of the final answer: held text may still become
     a stop string, shown text never is part of one."""
     full = "".join(pieces)
-    hits = [i for i in (full.find(s) for s in stops) if i >= 0]
-    want = full[: min(hits)] if hits else full
+    hits = [(full.find(s) + len(s), full.find(s)) for s in stops if s in full]
+    want = full[: min(hits)[1]] if hits else full
     s, shown = StopStrings(stops), ""
     for p in pieces:
         shown += s.feed(p)
@@ -120,10 +131,10 @@ def test_stop_strings_are_looked_for_only_in_text_after_min_tokens():
     tokens = t.encode("ab ab ab", add_special_tokens=False)
     steps = [[x] for x in tokens]
     assert "".join(stream(decoder(t), [0], steps, ["ab"])) == ""
-    assert "".join(stream(decoder(t), [0], steps, ["ab"], min_tokens=len(tokens))) == "ab ab ab"
+    assert "".join(stream(decoder(t), [0], steps, ["ab"], min_tokens=len(tokens) + 1)) == "ab ab ab"
 
 
 def test_the_windowed_decode_uses_the_prompt_for_context():
     t = tok()
-    d = Detokenizer(decoder(t), t.encode("Hello"))
+    d = Detokenizer(decoder(t), t.encode("Hello", add_special_tokens=False))
     assert d.add(t.encode(" world", add_special_tokens=False)) + d.flush() == " world"

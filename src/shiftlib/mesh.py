@@ -72,6 +72,11 @@ def _watch_for_failure() -> None:
     atexit.register(shutdown)
 
 
+def drain_at_exit(group: dist.ProcessGroup) -> None:
+    """Have :func:`shutdown` drain ``group`` too: a group made outside the mesh (the server's control group)."""
+    _groups.setdefault(group.group_name)
+
+
 def shutdown() -> None:
     """Finish this process's distributed work in order; called at exit for a group shiftlib made.
 

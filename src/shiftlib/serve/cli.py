@@ -11,56 +11,45 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import signal
-import sys
-import traceback
 from datetime import timedelta
-
-EXIT_FAILURE = 1
-CONTROL_TIMEOUT = timedelta(seconds=600)  # a rank waits at most this long for rank 0 (idle waits are 1 s)
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     """Add ``serve`` to a ``shiftlib`` command's subparsers."""
-    from shiftlib.cli import TINY
+    from shiftlib.cli import _add_model_arguments, _at_least, add_engine_arguments
 
     p = subparsers.add_parser("serve", help="serve the model over an OpenAI-compatible HTTP API (under torchrun)",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+                              description="Serve the model over an OpenAI-compatible HTTP API: every rank steps the "
+                                          "engine in lockstep, rank 0 serves HTTP. vLLM's spellings of the mesh and mode "
+                                          "options work as aliases.")
+    _add_model_arguments(p)
+    add_engine_arguments(p)
     a = p.add_argument
-    a("--model", required=True, help=f"a Hugging Face model directory, or '{TINY}' for the built-in tiny checkpoint")
-    a("--tp", "--tensor-parallel-size", dest="tp", type=int, default=None,
-      help="tensor-parallel size of SP mode (default: world size / sp)")
-    a("--sp", "--ulysses-sequence-parallel-size", dest="sp", type=int, default=1,
-      help="Ulysses sequence-parallel size (default 1)")
-    a("--threshold", "--shift-parallel-threshold", dest="threshold", type=int, default=256,
-      help="steps of at most this many tokens run in TP mode (default 256)")
-    a("--mode", default="auto", choices=("auto", "tp", "sp"), help="force one mode (default auto)")
-    a("--enable-shift-parallel", dest="mode", action="store_const", const="auto", help="same as --mode auto")
-    a("--dtype", default=None, help="float32, bfloat16, float16 or float64 (default: the checkpoint's)")
-    a("--device", choices=("cpu", "cuda"), default=None, help="default: cuda when available")
-    a("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0 for every interface)")
-    a("--port", type=int, default=8000, help="port to listen on (default 8000; 0 picks a free one)")
+    alias = dict(default=argparse.SUPPRESS)  # the option it stands for holds the default
+    a("--tensor-parallel-size", dest="tp", type=_at_least(1), help="the same as --tp", **alias)
+    a("--ulysses-sequence-parallel-size", dest="sp", type=_at_least(1), help="the same as --sp", **alias)
+    a("--shift-parallel-threshold", dest="threshold", type=_at_least(0), help="the same as --threshold", **alias)
+    a("--enable-shift-parallel", dest="mode", action="store_const", const="auto", help="the same as --mode auto",
+      **alias)
+    a("--host", default="127.0.0.1", help="address to listen on; 0.0.0.0 for every interface")
+    a("--port", type=_at_least(0), default=8000, help="port to listen on; 0 picks a free one")
     a("--served-model-name", default=None, help="the model's id in the API (default: --model as given)")
-    a("--max-num-seqs", type=int, default=256, help="requests running at once (default 256)")
-    a("--max-num-tokens", type=int, default=4096, help="token budget of one step (default 4096)")
-    a("--num-blocks", type=int, default=None, help="KV-cache blocks per rank (default: from --memory-fraction)")
-    a("--memory-fraction", type=float, default=0.9, help="share of free GPU memory for the KV cache (default 0.9)")
-    a("--block-size", type=int, default=16, help="tokens per KV-cache block (default 16)")
-    a("--max-waiting", type=int, default=1024,
-      help="requests queued beyond the running ones; more are refused with 503 and Retry-After (default 1024)")
-    a("--shutdown-timeout", type=float, default=20.0,
-      help="seconds requests in flight get to finish after SIGINT/SIGTERM, then they are aborted (default 20; "
-           "keep it under torchrun's --shutdown-timeout, 30 s by default)")
+    a("--max-waiting", type=_at_least(0), default=1024,
+      help="requests queued beyond the running ones; more are refused with 503 and Retry-After")
+    a("--shutdown-timeout", type=_at_least(0.0, float), default=20.0,
+      help="seconds requests in flight get to finish after SIGINT/SIGTERM before they are aborted (keep it under "
+           "torchrun's own --shutdown-timeout, 30 s by default)")
     p.set_defaults(func=run)
     return p
 
 
 def run(args) -> int:
-    import torch
     import torch.distributed as dist
 
     import shiftlib
-    from shiftlib.cli import UserError, _mesh_shape, _model_dir, _rank, user_errors
+    from shiftlib.cli import UserError, _mesh_shape, _model_dir, _rank, engine_kwargs, pick_device, user_errors
     from shiftlib.loading import _load_tokenizer, _read_config
+    from shiftlib.mesh import DIST_TIMEOUT_S, drain_at_exit
     from shiftlib.serve.frontend import FrontendConfig
     from shiftlib.serve.loop import FrontendPipe, Lockstep
     from shiftlib.serve.protocol import Limits
@@ -69,15 +58,10 @@ def run(args) -> int:
     missing = [m for m in ("fastapi", "uvicorn", "prometheus_client") if importlib.util.find_spec(m) is None]
     if missing:
         raise UserError(f"shiftlib serve needs {', '.join(missing)}: pip install \"shiftlib[serve]\"")
-    tp, sp = _mesh_shape(args)
-    if not 0 <= args.port <= 65535:
+    if args.port > 65535:
         raise UserError(f"--port must be in [0, 65535], got {args.port}")
-    if args.max_waiting < 0 or args.shutdown_timeout < 0:
-        raise UserError(f"--max-waiting and --shutdown-timeout must be >= 0, got {args.max_waiting} and "
-                        f"{args.shutdown_timeout}")
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda, but torch sees no CUDA device: use --device cpu")
+    tp, sp = _mesh_shape(args)
+    device = pick_device(args)
     model_dir = _model_dir(args.model)
     name = args.served_model_name or args.model
     with user_errors():  # everything cheap first, so a mistake costs no weight loading
@@ -85,8 +69,11 @@ def run(args) -> int:
         if _load_tokenizer(model_dir) is None:
             raise UserError(f"{model_dir} has no tokenizer (tokenizer.json / tokenizer_config.json): the server "
                             f"needs one to read prompts and write text")
-        mesh = shiftlib.init_mesh(tp, sp, device)
-    control = dist.new_group(backend="gloo", timeout=CONTROL_TIMEOUT) if dist.get_world_size() > 1 else None
+        mesh = shiftlib.init_mesh(tp, sp, device, timeout_s=args.dist_timeout)
+    control = None
+    if dist.get_world_size() > 1:  # CPU, gloo: the per-step broadcast never waits on the GPU
+        control = dist.new_group(backend="gloo", timeout=timedelta(seconds=args.dist_timeout or DIST_TIMEOUT_S))
+        drain_at_exit(control)
     frontend = None
     if _rank() == 0:
         frontend = FrontendPipe(FrontendConfig(args.host, args.port, str(model_dir), name, args.max_waiting),
@@ -99,9 +86,7 @@ def run(args) -> int:
             raise UserError(verdict[0])
         with user_errors():
             model = shiftlib.from_pretrained(model_dir, mesh, dtype=args.dtype, threshold=args.threshold)
-            engine = shiftlib.Engine(model, num_blocks=args.num_blocks, block_size=args.block_size,
-                                     max_num_tokens=args.max_num_tokens, max_num_seqs=args.max_num_seqs,
-                                     mode=args.mode, memory_fraction=args.memory_fraction)
+            engine = shiftlib.Engine(model, **engine_kwargs(args))
         if frontend is not None:
             frontend.start(Limits(engine.max_context, engine.cache.capacity_tokens, config.vocab_size),
                            args.threshold, args.mode)
@@ -112,15 +97,10 @@ def run(args) -> int:
             for sig in (signal.SIGINT, signal.SIGTERM):
                 signal.signal(sig, signal.SIG_IGN)
         Lockstep(engine, StepSync(control), frontend).run()
-    except UserError:
-        raise
-    except Exception as e:  # a rank died (a collective failed) or a bug: report it, then leave at once
-        if frontend is not None:
+    except Exception as e:  # a rank died (a collective failed), or a bug: the HTTP side says so before it goes
+        if frontend is not None and not isinstance(e, UserError):
             frontend.fail(f"{type(e).__name__}: {e}")
-        traceback.print_exc()
-        print(f"shiftlib serve: rank {_rank()} stops: {type(e).__name__}: {str(e).splitlines()[0][:200]}",
-              file=sys.stderr, flush=True)
-        return EXIT_FAILURE
+        raise
     finally:
         if frontend is not None:
             frontend.close()

@@ -56,7 +56,7 @@ class Detokenizer:
 
 
 class StopStrings:
-    """Cuts text at the first stop string and holds back any tail that may still become one."""
+    """Cuts text before the first stop string to be complete, and holds back any tail that may still become one."""
 
     def __init__(self, stops: list[str]) -> None:
         self.stops = [s for s in stops if s]
@@ -68,10 +68,10 @@ class StopStrings:
         if self.stopped:
             return ""
         text, self.held = self.held + text, ""
-        hits = [i for i in (text.find(s) for s in self.stops) if i >= 0]
-        if hits:
+        hits = [(i + len(s), i) for s, i in ((s, text.find(s)) for s in self.stops) if i >= 0]
+        if hits:  # the stop string that is complete first ends the text (the longer one if two end together)
             self.stopped = True
-            return text[: min(hits)]
+            return text[: min(hits)[1]]
         keep = max((_overlap(text, s) for s in self.stops), default=0)
         self.held = text[len(text) - keep :]
         return text[: len(text) - keep]

@@ -45,6 +45,8 @@ class StepInfo(NamedTuple):
     running: int
     waiting: int
     kv_usage: float
+    drafted: int = 0  # speculative decoding: draft tokens verified in the step, and those accepted
+    accepted: int = 0
 
 
 class FrontendPipe:
@@ -207,7 +209,8 @@ class Lockstep:
             seq = requests[rid]
             finished = seq.status is Status.FINISHED
             if self.frontend is not None:
-                logprobs = seq.logprobs[-len(tokens):] if seq.params.logprobs is not None else None
+                end = len(seq.output)  # logprobs[i] is output[i]'s (a stop inside a draft may leave one more)
+                logprobs = seq.logprobs[end - len(tokens) : end] if seq.params.logprobs is not None else None
                 outputs.append((self.uid_of[rid], tokens, logprobs, seq.finish_reason if finished else None))
             if finished:
                 del requests[rid], self.rid_of[self.uid_of.pop(rid)]
@@ -215,7 +218,8 @@ class Lockstep:
             sched, alloc = engine.scheduler, engine.scheduler.allocator
             info = StepInfo(stats.mode if stats else "tp", stats.num_tokens if stats else 0,
                             stats.preempted if stats else 0, stats.seconds if stats else 0.0, synced, sync_s,
-                            len(sched.running), len(sched.waiting), 1 - alloc.num_free / alloc.num_blocks)
+                            len(sched.running), len(sched.waiting), 1 - alloc.num_free / alloc.num_blocks,
+                            stats.drafted if stats else 0, stats.accepted if stats else 0)
             self.frontend.publish(outputs, started, self.rejected, info)
             self.rejected = []
 

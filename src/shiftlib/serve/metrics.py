@@ -56,6 +56,10 @@ class ServerMetrics:
                               "requests to the other ranks", buckets=SYNC_BUCKETS, **labels).labels(model_name)
         self.threshold = Gauge("shiftlib:mode_threshold_tokens", "Steps of at most this many tokens run in TP mode "
                                "(mode auto)", **labels).labels(model_name)
+        self.drafted = Counter("shiftlib:spec_decode_num_draft_tokens", "Speculated tokens verified",
+                               **labels).labels(model_name)
+        self.accepted = Counter("shiftlib:spec_decode_num_accepted_tokens", "Speculated tokens accepted (the "
+                                "acceptance rate is their ratio to the drafted ones)", **labels).labels(model_name)
         self.forced = Gauge("shiftlib:mode_forced", "1 for the mode every step is forced into (--mode tp or sp)",
                             **mode)
 
@@ -72,6 +76,9 @@ class ServerMetrics:
             self.step_seconds[info.mode].observe(info.seconds)
         if info.preempted:
             self.preemptions.inc(info.preempted)
+        if info.drafted:
+            self.drafted.inc(info.drafted)
+            self.accepted.inc(info.accepted)
         if info.synced:
             self.sync.observe(info.sync_seconds)
         self.running.set(info.running)
