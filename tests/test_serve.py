@@ -34,7 +34,7 @@ PROMPTS = ["Hello world", "Shift parallelism is", "The quick brown fox jumps ove
 # does, to see every rank's exit code (torchrun reports only its own: 1 after a signal, whatever the ranks did).
 MESHES = {
     "2x1": (["--tp", "2", "--sp", "1", "--max-num-seqs", "1", "--max-waiting", "1"], True),
-    "1x2": (["--tp", "1", "--sp", "2", "--threshold", "8", "--shutdown-timeout", "6"], False),
+    "1x2": (["--tp", "1", "--sp", "2", "--threshold", "8", "--shutdown-timeout", "6", "--speculative", "suffix"], False),
     "2x2": (["--tp", "2", "--sp", "2", "--threshold", "8", "--num-blocks", "48"], True),  # cache < context
 }
 START_TIMEOUT_S = 300
@@ -305,6 +305,14 @@ class TestTwoRanksTP(Serving):
 
 class TestTwoRanksSP(Serving):
     mesh = "1x2"
+
+    def test_speculation_drafts_and_its_metrics_count_them(self, server, reference):
+        repeated = "the quick brown fox " * 6  # drafts come from the prompt
+        for _ in range(2):
+            server.client.completions.create(model="tiny", prompt=repeated, max_tokens=12, temperature=0)
+        m = server.metrics()
+        drafted, accepted = (m[(f"shiftlib:spec_decode_num_{x}_tokens_total",)] for x in ("draft", "accepted"))
+        assert drafted > 0 and 0 <= accepted <= drafted
 
     def test_models_health_and_unknown_routes(self, server):
         assert [m.id for m in server.client.models.list().data] == ["tiny"]
