@@ -258,8 +258,8 @@ class Engine:
         if not plan.work:
             return []
         logits, rows = self.runner.run(plan)  # a request with a draft of k tokens has k + 1 rows
-        logits_ok = ban_stops(logits, rows, self.stop_ids)  # min_tokens
-        tokens = self.failure.tolist(sample(logits_ok, [s.params for s in rows], [s.generator for s in rows])) if rows else []
+        allowed = ban_stops(logits, rows, self.stop_ids)  # no EOS or stop token before min_tokens
+        tokens = self.failure.tolist(sample(allowed, [s.params for s in rows], [s.generator for s in rows])) if rows else []
         now = time.perf_counter()
         self.scheduler.advance(plan)
         events, (verified, drafted, accepted) = [], verify(rows, tokens, self.scheduler)
