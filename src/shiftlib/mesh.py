@@ -55,7 +55,7 @@ def ensure_process_group(device_type: str, timeout_s: float = DIST_TIMEOUT_S) ->
 # work is done. So before the interpreter shuts down, every group shiftlib used is drained: a barrier (which
 # carries no tensors, and waits with the GIL released) queued behind the last collective of each group.
 _owns_group = False
-_groups: dict[str, None] = {}  # names of the groups collectives ran on, in first-use order (the same on every rank)
+_groups: dict[str, None] = {}  # groups to drain, by name, in the order meshes made them (the same on every rank)
 _failed = False
 
 
