@@ -19,6 +19,7 @@ import importlib
 import json
 import os
 import sys
+import time
 import traceback
 from contextlib import contextmanager
 from pathlib import Path
@@ -26,6 +27,7 @@ from typing import Iterator
 
 EXIT_USAGE = 2
 EXIT_FAILURE = 1
+FAILURE_GRACE_S = 2.0  # see _exit
 TINY = "tiny"
 
 
@@ -443,10 +445,13 @@ def _exit(code: int, owns_group: bool, orderly: bool) -> int:
     their groups together (:func:`shiftlib.mesh.shutdown`). Otherwise this rank alone failed: its peers may be
     dead, or blocked in a collective that waits for it, and a teardown that synchronizes would wait for them.
 
-    A failing rank with peers then leaves at once (``os._exit``, after flushing its output; any collective is
-    drained or can never complete, so nothing is lost): torchrun stops every rank when the first one exits
-    non-zero, so ranks that share an error must exit together to all report its code, and the closed sockets of
-    a rank that failed alone make each peer's pending collective fail, so they exit non-zero too.
+    A failing rank with peers then leaves without a teardown (``os._exit``, after flushing its output; any
+    collective is drained or can never complete, so nothing is lost): torchrun stops every rank when the first one
+    exits non-zero, so ranks that share an error must exit together to all report its code, and the closed
+    sockets of a rank that failed alone make each peer's pending collective fail, so they exit non-zero too. A
+    rank that failed alone waits ``FAILURE_GRACE_S`` first: its peers fail only once it is gone, so a launcher
+    that watches its ranks (torchrun, polling every 0.1 s) sees the rank that failed first exit first and names
+    it as the root cause, and a rank killed outright is seen before the peers it brought down.
     """
     if owns_group and _dist_initialized():
         import torch.distributed as dist
@@ -459,5 +464,7 @@ def _exit(code: int, owns_group: bool, orderly: bool) -> int:
         if code != 0 and peers:
             sys.stdout.flush()
             sys.stderr.flush()
+            if not orderly:
+                time.sleep(FAILURE_GRACE_S)
             os._exit(code)
     return code
