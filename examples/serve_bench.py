@@ -3,7 +3,7 @@
 The benchmark's closed-loop loads (``shiftlib bench``: 512-token prompts, 64 new tokens, greedy, ``ignore_eos``)
 run first straight into the engine, then through ``shiftlib serve``'s HTTP API (streamed completions with
 token-id prompts, the way load generators for OpenAI endpoints send them), driven by client processes apart from
-the server. The same engine (weights, cache, captured CUDA graphs) serves both, so the difference is what
+the server (:mod:`http_load`), on prompts of their own. The same engine (weights, cache, captured CUDA graphs) serves both, so the difference is what
 serving costs: the per-step request broadcast and hand-off to the HTTP process, HTTP, SSE, detokenization.
 Also measured: the per-step cost of the request broadcast between CPU gloo ranks.
 
@@ -17,7 +17,6 @@ tokens are 1-3 random bytes, which makes detokenization hold and flush partial U
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import math
 import multiprocessing as mp
@@ -36,12 +35,14 @@ import shiftlib
 from shiftlib.bench.driver import Clock, drive
 from shiftlib.bench.metrics import RequestRecord, summarize
 from shiftlib.bench.suite import machine, versions
-from shiftlib.bench.workloads import Load, RequestSpec, concurrency_sweep
+from shiftlib.bench.workloads import Load, concurrency_sweep, warm_up
 from shiftlib.presets import preset_config, random_model
 from shiftlib.serve.frontend import FrontendConfig
 from shiftlib.serve.loop import FrontendPipe, Lockstep
 from shiftlib.serve.protocol import Limits
 from shiftlib.serve.sync import Arrival, StepMessage, StepSync
+
+from http_load import closed_loop  # noqa: E402 - examples/, next to this file
 
 
 def byte_level_tokenizer(vocab_size: int, directory: Path) -> None:
@@ -68,72 +69,21 @@ def byte_level_tokenizer(vocab_size: int, directory: Path) -> None:
     fast.save_pretrained(directory)
 
 
-def loads(levels: list[int], input_len: int, output_len: int, vocab: int) -> list[Load]:
-    """``shiftlib bench``'s closed loops; low levels get more waves, so c = 1 has 8 requests for its p50."""
-    return [concurrency_sweep([c], input_len, output_len, vocab, waves=max(2, math.ceil(8 / c)))[0] for c in levels]
+def loads(levels: list[int], input_len: int, output_len: int, vocab: int, seed: int) -> list[Load]:
+    """``shiftlib bench``'s closed loops; low levels get more waves, so c = 1 has 8 requests for its p50. The two
+    halves get prompts of their own (``seed``): the second would otherwise hit the prefix cache the first filled."""
+    return [concurrency_sweep([c], input_len, output_len, vocab, max(2, math.ceil(8 / c)), seed)[0] for c in levels]
 
 
-def warm(engine: shiftlib.Engine, load: Load) -> None:
-    """The level's own prompts with two new tokens: graphs and kernels of its batch made before timing."""
-    n = min(load.concurrency, len(load.requests))
-    drive(engine, Load("concurrency", [RequestSpec(r.prompt, 2) for r in load.requests[:n]], concurrency=n), Clock())
-
-
-# -- the HTTP client, in processes of its own ----------------------------------------------------------------------
-
-
-async def _client(url: str, requests: list[tuple[list[int], int]], concurrency: int, start_at: float) -> list:
-    import httpx
-
-    todo = list(enumerate(requests))
-    out: list = []
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
-        async def worker() -> None:
-            while todo:
-                _, (prompt, n) = todo.pop(0)
-                body = {"model": "bench", "prompt": prompt, "max_tokens": n, "temperature": 0, "ignore_eos": True,
-                        "stream": True, "return_token_ids": True}
-                sent, first, tokens = time.monotonic(), None, 0
-                async with client.stream("POST", "/v1/completions", json=body) as r:
-                    async for line in r.aiter_lines():
-                        if line.startswith("data: {"):
-                            got = len(json.loads(line[6:])["choices"][0]["token_ids"])
-                            if got and first is None:
-                                first = time.monotonic()
-                            tokens += got
-                out.append((sent, len(prompt), tokens, first, time.monotonic()))
-
-        while time.monotonic() < start_at:
-            await asyncio.sleep(0.001)
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
-    return out
-
-
-def _client_process(url, requests, concurrency, start_at, queue) -> None:
-    queue.put(asyncio.run(_client(url, requests, concurrency, start_at)))
+# -- the HTTP side -------------------------------------------------------------------------------------------------
 
 
 def run_http(url: str, load: Load, processes: int) -> tuple[list[RequestRecord], float]:
-    """One closed-loop level over HTTP: ``concurrency`` streams split over client processes."""
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    k = min(processes, load.concurrency)
-    start_at = time.monotonic() + 3.0  # every client process up and waiting
-    shares = [load.requests[i::k] for i in range(k)]
-    procs = [ctx.Process(target=_client_process, args=(url, [(r.prompt, r.output_len) for r in share],
-                                                         len(range(i, load.concurrency, k)), start_at, queue))
-             for i, share in enumerate(shares)]
-    for p in procs:
-        p.start()
-    rows = [row for _ in procs for row in queue.get()]
-    for p in procs:
-        p.join()
+    """One closed-loop level over HTTP (:mod:`http_load`)."""
+    rows = closed_loop(url, [(r.prompt, r.output_len) for r in load.requests], load.concurrency, processes)
     t0 = min(r[0] for r in rows)
-    records = []
-    for sent, prompt_len, tokens, first, done in rows:
-        rec = RequestRecord(sent - t0, prompt_len, tokens, first - t0, done - t0)
-        records.append(rec)
+    records = [RequestRecord(sent - t0, prompt_len, tokens, first - t0, done - t0)
+               for sent, prompt_len, tokens, first, done in rows]
     return records, max(r.finish_s for r in records)
 
 
@@ -200,6 +150,12 @@ def sync_cost(world: int, steps: int = 500) -> dict:
     return out
 
 
+def _cpu_seconds(pid: int) -> float:
+    """User and system CPU time of process ``pid`` so far (Linux)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 # -- the run ---------------------------------------------------------------------------------------------------------
 
 
@@ -209,7 +165,7 @@ def main() -> None:
     p.add_argument("--concurrency", default="1,64,256")
     p.add_argument("--input-len", type=int, default=512)
     p.add_argument("--output-len", type=int, default=64)
-    p.add_argument("--client-processes", type=int, default=4)
+    p.add_argument("--client-processes", type=int, default=8)
     p.add_argument("--sync-ranks", default="2,4", help="gloo world sizes for the broadcast cost")
     p.add_argument("--output", type=Path, required=True)
     args = p.parse_args()
@@ -223,11 +179,12 @@ def main() -> None:
     mesh = shiftlib.init_mesh(1, 1, device)
     model = shiftlib.parallelize(random_model(config, dtype, mesh.device_type), mesh)
     levels = [int(c) for c in args.concurrency.split(",")]
-    plan = loads(levels, args.input_len, args.output_len, config.vocab_size)
+    plan = loads(levels, args.input_len, args.output_len, config.vocab_size, seed=0)
+    http_plan = loads(levels, args.input_len, args.output_len, config.vocab_size, seed=1)
     engine = shiftlib.Engine(model, max_num_seqs=max(256, *levels), num_blocks=None if cuda else 4096)
     report["in_process"] = []
     for load in plan:
-        warm(engine, load)
+        drive(engine, warm_up(load, load.concurrency, config.vocab_size), Clock())
         records, _ = drive(engine, load, Clock())
         report["in_process"].append(summarize(records, [], max(r.finish_s for r in records)) | {"load": load.label})
         print("in-process", load.label, report["in_process"][-1]["output_tok_per_s"], "tok/s", flush=True)
@@ -243,15 +200,20 @@ def main() -> None:
         frontend.start(Limits(engine.max_context, engine.cache.capacity_tokens, config.vocab_size), 256, "auto")
         results = Path(tmp) / "http.json"
         client = mp.get_context("spawn").Process(target=driver_main,
-                                                 args=(frontend.url, plan, args.client_processes, str(results)))
+                                                 args=(frontend.url, http_plan, args.client_processes, str(results)))
         client.start()
         loop = Lockstep(engine, StepSync(None), frontend)
+        http_cpu = _cpu_seconds(frontend.process.pid)
         try:
             loop.run()
+            http_cpu = _cpu_seconds(frontend.process.pid) - http_cpu
         finally:
             frontend.close()
         client.join()
         report["http"] = json.loads(results.read_text())
+        tokens = sum(level["output_tokens"] for level in report["http"])
+        report["http_process_cpu_us_per_output_token"] = round(1e6 * http_cpu / tokens, 1)
+        print("HTTP process CPU per output token (µs):", report["http_process_cpu_us_per_output_token"], flush=True)
     rows = []
     for ours, http in zip(report["in_process"], report["http"]):
         rows.append({"load": ours["load"],

@@ -5,6 +5,8 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from shiftlib.engine.sampler import SamplingParams
+from shiftlib.engine.sequence import Sequence
 from shiftlib.engine.speculator import SuffixIndex, SuffixSpeculator
 
 texts = st.lists(st.integers(0, 3), min_size=1, max_size=40)  # a small alphabet: many repeats
@@ -94,3 +96,19 @@ def test_a_passage_seen_before_is_drafted_from_where_its_copy_has_reached():
     spec.finish(0, passage)
     assert spec.propose(1, [7], passage[:12], 16) == passage[12:24]  # from an earlier response
     assert spec.propose(2, [1, 2, 3, 4], [], 16) == []
+
+
+@given(batch=st.integers(1, 32), max_rows=st.sampled_from([None, 8, 16, 64, 256]))
+@settings(max_examples=40, deadline=None)
+def test_drafts_keep_a_decode_step_within_its_cuda_graph(batch, max_rows):
+    passage = list(range(100, 140))
+    running = [Sequence(i, passage * 2, SamplingParams(max_new_tokens=64), None) for i in range(batch)]
+    for seq in running:
+        seq.num_cached = seq.num_tokens - 1  # decoding: one pending token
+    SuffixSpeculator(num_speculative_tokens=8, max_batch=32).draft(running, 4096, max_rows)
+    rows = sum(1 + len(seq.draft) for seq in running)
+    if max_rows is None or batch * 9 <= max_rows:
+        assert all(len(seq.draft) == 8 for seq in running)  # the whole draft fits: nothing is cut
+    else:
+        assert rows <= max(max_rows, batch), (rows, max_rows)
+        assert all(len(seq.draft) == max(max_rows // batch - 1, 0) for seq in running)

@@ -31,7 +31,7 @@ import shiftlib
 from shiftlib.bench.driver import Clock, drive
 from shiftlib.bench.hf import load_hf_model, run_hf
 from shiftlib.bench.metrics import RequestRecord, StepRecord, summarize
-from shiftlib.bench.workloads import Load, RequestSpec, bursty, concurrency_sweep, long_prompts, poisson
+from shiftlib.bench.workloads import Load, bursty, concurrency_sweep, long_prompts, poisson, warm_up
 from shiftlib.cache import PagedKVCache
 from shiftlib.mesh import ensure_process_group
 from shiftlib.presets import preset_config, random_model
@@ -149,22 +149,15 @@ def build_loads(opts: BenchOptions, vocab: int) -> list[Load]:
     return loads
 
 
-def _warmup_loads(loads: list[Load], max_seqs: int) -> list[Load]:
-    """Each closed-loop level's own prompts with two new tokens, so kernel compilation and the CUDA graphs of its
-    decode batch and block-table width are made before anything is timed. (Open-loop and long-prompt loads mix
-    shapes; a graph they meet first is captured inside the run, which shows in their p99 more than in p50.)"""
-    warm = [
-        Load(
-            "concurrency",
-            [RequestSpec(r.prompt, 2) for r in load.requests[: min(load.concurrency, max_seqs)]],
-            concurrency=min(load.concurrency, max_seqs),
-        )
-        for load in loads
-        if load.workload == "concurrency" and load.requests
-    ]
+def _warmup_loads(loads: list[Load], max_seqs: int, vocab: int) -> list[Load]:
+    """Each closed-loop level's first wave, so kernel compilation and the CUDA graphs of its decode batch and
+    block-table width are made before anything is timed. (Open-loop and long-prompt loads mix shapes; a graph
+    they meet first is captured inside the run, which shows in their p99 more than in p50.)"""
+    warm = [warm_up(load, min(load.concurrency, max_seqs), vocab) for load in loads
+            if load.workload == "concurrency" and load.requests]
     if not warm:
-        first = next((load.requests[0] for load in loads if load.requests), None)
-        warm = [Load("concurrency", [RequestSpec(first.prompt, 2)], concurrency=1)] if first else []
+        first = next((load for load in loads if load.requests), None)
+        warm = [warm_up(first, 1, vocab)] if first else []
     return warm
 
 
@@ -281,7 +274,7 @@ class Bench:
 
     def _warm(self, engine: shiftlib.Engine, loads: list[Load], clock: Clock) -> None:
         if self.opts.warmup:
-            for load in _warmup_loads(loads, self.max_seqs):
+            for load in _warmup_loads(loads, self.max_seqs, self.config.vocab_size):
                 drive(engine, load, clock)
 
     def _record(

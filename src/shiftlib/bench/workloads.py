@@ -55,6 +55,15 @@ def _prompt(rng: random.Random, length: int, vocab: int) -> list[int]:
     return [rng.randrange(vocab) for _ in range(length)]
 
 
+def warm_up(load: Load, n: int, vocab: int) -> Load:
+    """``n`` requests in flight with the lengths of ``load``'s first ``n`` prompts and two new tokens each: the
+    kernels and graphs of its shapes are made before it is timed. The tokens are new, since ``load``'s own
+    prompts would then be prefix-cache hits."""
+    rng = random.Random("warm-up")
+    return Load("concurrency", [RequestSpec(_prompt(rng, len(r.prompt), vocab), 2) for r in load.requests[:n]],
+                concurrency=n)
+
+
 def concurrency_sweep(
     levels: list[int], input_len: int, output_len: int, vocab: int, waves: int = 2, seed: int = 0
 ) -> list[Load]:

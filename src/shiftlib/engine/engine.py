@@ -253,7 +253,7 @@ class Engine:
     def _step(self) -> list[tuple[int, int]]:
         start = time.perf_counter()
         if self.speculator:
-            self.speculator.draft(self.scheduler.running, self.max_context)
+            self.speculator.draft(self.scheduler.running, self.max_context, self.runner.graph_rows)
         plan = self.scheduler.schedule(self.pick_mode)
         if not plan.work:
             return []

@@ -26,10 +26,11 @@ class Runner:
         self.model, self.shift, self.cache = model, shift, cache
         self.device = shift.mesh.device
         self.graphs: dict[tuple[str, int, int], _Graph] = {}  # by (mode, batch bucket, block-table width)
-        self.use_graphs = cuda_graphs
+        self.use_graphs, self.graph_rows = cuda_graphs, None  # graph_rows: the largest step that replays a graph
         if self.use_graphs:
             n = max(b for b in GRAPH_BUCKETS if b <= max(max_graph_batch, 1))
             self.buckets = sorted({-(-b // shift.mesh.sp) * shift.mesh.sp for b in GRAPH_BUCKETS if b <= n} | {b for b in GRAPH_BUCKETS if b <= n})
+            self.graph_rows = self.buckets[-1]
             width = -(-min(max_context, cache.capacity_tokens) // cache.block_size)
             long = dict(dtype=torch.long, device=self.device)
             self.static = dict(
