@@ -21,7 +21,7 @@ import sys
 import time
 
 
-async def _run(url: str, requests: list[tuple[list[int], int]], concurrency: int) -> list:
+async def _run(url: str, model: str, requests: list[tuple[list[int], int]], concurrency: int) -> list:
     import aiohttp
 
     todo, out = list(reversed(requests)), []
@@ -30,7 +30,7 @@ async def _run(url: str, requests: list[tuple[list[int], int]], concurrency: int
         async def stream() -> None:
             while todo:
                 prompt, n = todo.pop()
-                body = {"model": "bench", "prompt": prompt, "max_tokens": n, "temperature": 0, "ignore_eos": True,
+                body = {"model": model, "prompt": prompt, "max_tokens": n, "temperature": 0, "ignore_eos": True,
                         "stream": True, "return_token_ids": True}
                 sent, first, tokens = time.monotonic(), None, 0
                 async with session.post("/v1/completions", json=body) as r:
@@ -43,8 +43,12 @@ async def _run(url: str, requests: list[tuple[list[int], int]], concurrency: int
                             tokens += got
                 out.append((sent, len(prompt), tokens, first, time.monotonic()))
 
+        async def connect() -> None:
+            async with session.get("/health") as r:
+                await r.read()
+
         # connect every stream before the start, so the first wave does not also time the TCP handshakes
-        await asyncio.gather(*(session.get("/health") for _ in range(concurrency)))
+        await asyncio.gather(*(connect() for _ in range(concurrency)))
         print("ready", flush=True)
         await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
         await asyncio.gather(*(stream() for _ in range(concurrency)))
@@ -53,17 +57,18 @@ async def _run(url: str, requests: list[tuple[list[int], int]], concurrency: int
 
 def worker() -> None:
     job = json.loads(sys.stdin.readline())
-    rows = asyncio.run(_run(job["url"], job["requests"], job["concurrency"]))
+    rows = asyncio.run(_run(job["url"], job["model"], job["requests"], job["concurrency"]))
     print(json.dumps(rows), flush=True)
 
 
-def closed_loop(url: str, requests: list[tuple[list[int], int]], concurrency: int, processes: int) -> list:
-    """Serve ``requests`` with ``concurrency`` streams over ``processes`` client processes; the records."""
+def closed_loop(url: str, model: str, requests: list[tuple[list[int], int]], concurrency: int, processes: int) -> list:
+    """Send ``requests`` (token-id prompt, new tokens) for ``model`` with ``concurrency`` streams over
+    ``processes`` client processes; the records."""
     k = min(processes, concurrency)
     procs = [subprocess.Popen([sys.executable, __file__, "--worker"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                               text=True) for _ in range(k)]
     for i, p in enumerate(procs):
-        p.stdin.write(json.dumps({"url": url, "requests": requests[i::k],
+        p.stdin.write(json.dumps({"url": url, "model": model, "requests": requests[i::k],
                                   "concurrency": len(range(i, concurrency, k))}) + "\n")
         p.stdin.flush()
     for p in procs:

@@ -80,7 +80,8 @@ def loads(levels: list[int], input_len: int, output_len: int, vocab: int, seed: 
 
 def run_http(url: str, load: Load, processes: int) -> tuple[list[RequestRecord], float]:
     """One closed-loop level over HTTP (:mod:`http_load`)."""
-    rows = closed_loop(url, [(r.prompt, r.output_len) for r in load.requests], load.concurrency, processes)
+    rows = closed_loop(url, "bench", [(r.prompt, r.output_len) for r in load.requests], load.concurrency,
+                      processes)
     t0 = min(r[0] for r in rows)
     records = [RequestRecord(sent - t0, prompt_len, tokens, first - t0, done - t0)
                for sent, prompt_len, tokens, first, done in rows]

@@ -9,6 +9,7 @@ with SIGTERM (every rank exits 0) or by killing a rank (the server exits non-zer
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import os
 import re
@@ -357,6 +358,16 @@ class TestFourRanks(Serving):
 
         assert asyncio.run(all_of_them()) == want
     
+    def test_the_benchmarks_load_generator_keeps_every_stream_in_flight(self, server):
+        sys.path.insert(0, str(ROOT / "examples"))
+        from http_load import closed_loop
+
+        rows = closed_loop(server.url, "tiny", [([1 + i, 2, 3, 4], 6) for i in range(12)], concurrency=4, processes=2)
+        assert sorted(r[1:3] for r in rows) == [[4, 6]] * 12  # every request, with all its tokens
+        assert all(sent <= first <= done for sent, _, _, first, done in rows)
+        changes = sorted([(r[0], 1) for r in rows] + [(r[4], -1) for r in rows])
+        assert max(itertools.accumulate(d for _, d in changes)) == 4
+
     def test_a_client_that_leaves_has_its_request_aborted_and_blocks_freed(self, server, reference):
         long = {"model": "tiny", "prompt": "Hello", "max_tokens": 500, "ignore_eos": True, "temperature": 0}
         with server.http.stream("POST", "/v1/completions", json={**long, "stream": True}) as r:
