@@ -40,7 +40,7 @@ def _worker(rank: int, world: int, port: int, inbox, outbox) -> None:
 
 class Cluster:
     def __init__(self, world: int) -> None:
-        self.world = world
+        self.world, self.stopped = world, False
         ctx = mp.get_context("spawn")
         port = _free_port()
         self.inboxes = [ctx.Queue() for _ in range(world)]
@@ -48,6 +48,13 @@ class Cluster:
         self.procs = [ctx.Process(target=_worker, args=(r, world, port, self.inboxes[r], self.outbox), daemon=True) for r in range(world)]
         for p in self.procs:
             p.start()
+
+    def stop(self) -> None:
+        """Ask the ranks to leave; :meth:`close` waits for them."""
+        if not self.stopped:
+            self.stopped = True
+            for q in self.inboxes:
+                q.put(None)
 
     def run(self, fn: Callable[..., Any], *args, **kwargs) -> list[Any]:
         """Call ``fn(*args, **kwargs)`` on every rank; return the per-rank results in rank order."""
@@ -63,8 +70,8 @@ class Cluster:
         return [results[r] for r in range(self.world)]
 
     def close(self) -> None:
-        for q in self.inboxes:
-            q.put(None)
+        """Stop the ranks (after :meth:`stop`, if that was called: pools stop side by side)."""
+        self.stop()
         for p in self.procs:
             p.join(timeout=10)
             if p.is_alive():

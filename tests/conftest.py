@@ -20,4 +20,6 @@ def ranks():
 
     yield get
     for pool in pools.values():
+        pool.stop()
+    for pool in pools.values():
         pool.close()

@@ -63,19 +63,20 @@ class Scheduler:
         budget, prefill, work, preempted = self.max_num_tokens, self.max_num_tokens, [], 0
         scheduled: set[int] = set()
 
-        def room(seq: Sequence) -> int:
-            return min(seq.pending, budget, budget if seq.pending == 1 else prefill)
+        def room(pending: int) -> int:
+            return min(pending, budget, budget if pending == 1 else prefill)
 
-        def take(seq: Sequence, n: int) -> None:
+        def take(seq: Sequence, n: int, pending: int) -> None:
             nonlocal budget, prefill
-            seq.blocks += self.allocator.allocate(self._blocks_needed(seq, n))
+            if need := self._blocks_needed(seq, n):
+                seq.blocks += self.allocator.allocate(need)
             work.append((seq, n))
             budget -= n
-            prefill = min(prefill, self.max_prefill_tokens) if seq.pending == 1 else prefill - n
+            prefill = min(prefill, self.max_prefill_tokens) if pending == 1 else prefill - n
 
         # Running requests, decodes before prefill chunks, oldest first.
-        for seq in sorted(self.running, key=lambda s: (s.pending > 1, s.arrival)):
-            if seq.status is not Status.RUNNING or (n := room(seq)) == 0:
+        for pending, seq in sorted(((s.pending, s) for s in self.running), key=lambda t: (t[0] > 1, t[1].arrival)):
+            if seq.status is not Status.RUNNING or (n := room(pending)) == 0:
                 continue
             if seq.draft:  # it takes what is left of the budget and of the blocks the others' next tokens need not
                 spare = (len(seq.blocks) + max(self.allocator.num_free - len(self.running), 0)) * self.block_size
@@ -89,21 +90,21 @@ class Scheduler:
                     break
             if seq.status is not Status.RUNNING:
                 continue
-            take(seq, n)
+            take(seq, n, pending)
             scheduled.add(seq.id)
         # Admit waiting requests while tokens, sequences and blocks allow (no preemption for newcomers).
         while self.waiting and len(self.running) < self.max_num_seqs and budget > 0:
             seq = self.waiting[0]
             if self.prefix_caching:
                 prefix_cache.claim(self.allocator, seq, self.block_size)
-            if (n := room(seq)) == 0 or self._blocks_needed(seq, n) > self.allocator.num_free:
+            if (n := room(pending := seq.pending)) == 0 or self._blocks_needed(seq, n) > self.allocator.num_free:
                 self.allocator.free(seq.blocks)  # the cached blocks it matched wait with it, unclaimed
                 seq.blocks, seq.keys, seq.num_cached = [], [], 0
                 break
             self.waiting.popleft()
             seq.status = Status.RUNNING
             self.running.append(seq)
-            take(seq, n)
+            take(seq, n, pending)
         total = sum(n for _, n in work)
         return StepPlan(work, pick_mode(total) if work else "tp", preempted)
 
