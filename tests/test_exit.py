@@ -34,8 +34,8 @@ def _torchrun(nproc: int, args: list[str], env: dict[str, str], script: list[str
 
 def _stress(nproc: int, args: list[str], runs: int, env: dict[str, str]) -> list[subprocess.CompletedProcess]:
     """``runs`` launches, one after another. A loaded machine is where a shutdown race shows, and CI's is: its 2
-    cores run 4 ranks (two launches at a time made each one 1.4x slower)."""
-    _torchrun(nproc, args, env)  # writes the tiny checkpoint once, outside the count
+    cores run 4 ranks (two launches at a time made each one 1.4x slower). The first launch of ``--model tiny``
+    also writes the checkpoint."""
     return [_torchrun(nproc, args, env) for _ in range(runs)]
 
 
