@@ -448,10 +448,10 @@ def _exit(code: int, owns_group: bool, orderly: bool) -> int:
     A failing rank with peers then leaves without a teardown (``os._exit``, after flushing its output; any
     collective is drained or can never complete, so nothing is lost): torchrun stops every rank when the first one
     exits non-zero, so ranks that share an error must exit together to all report its code, and the closed
-    sockets of a rank that failed alone make each peer's pending collective fail, so they exit non-zero too. A
-    rank that failed alone waits ``FAILURE_GRACE_S`` first: its peers fail only once it is gone, so a launcher
-    that watches its ranks (torchrun, polling every 0.1 s) sees the rank that failed first exit first and names
-    it as the root cause, and a rank killed outright is seen before the peers it brought down.
+    sockets of a rank that failed alone make each peer's pending collective fail, so they exit non-zero too. Each
+    rank that leaves this way waits ``FAILURE_GRACE_S`` first. The peers of a rank that raised fail only once it
+    is gone, and the peers of a rank killed outright wait too, so a launcher that watches its ranks (torchrun
+    polls every 0.1 s) sees the rank that failed first exit first, and names it as the root cause.
     """
     if owns_group and _dist_initialized():
         import torch.distributed as dist
