@@ -88,6 +88,25 @@ def run_http(url: str, load: Load, processes: int) -> tuple[list[RequestRecord],
     return records, max(r.finish_s for r in records)
 
 
+def _step_counts(url: str) -> dict[str, float]:
+    """The server's steps so far, and those that ran prompt tokens (eagerly: no CUDA graph), from ``/metrics``."""
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    counts = {"steps": 0.0, "prefill_steps": 0.0}
+    for family in text_string_to_metric_families(httpx.get(url + "/metrics").text):
+        for sample in family.samples:
+            name = sample.name.removeprefix("shiftlib:").removesuffix("_total")
+            if name in counts:
+                counts[name] += sample.value
+    return counts
+
+
+def in_process_steps(stats) -> dict[str, int]:
+    """:func:`_step_counts` for the in-process half, from the engine's own step records."""
+    return {"steps": len(stats), "prefill_steps": sum(s.num_tokens > s.num_seqs + s.drafted for s in stats)}
+
+
 def driver_main(url: str, plan: list[Load], processes: int, out: str) -> None:
     """The client side: warm the HTTP path, run every level, write the records, then stop the server."""
     import httpx
@@ -96,8 +115,10 @@ def driver_main(url: str, plan: list[Load], processes: int, out: str) -> None:
         httpx.post(url + "/v1/completions", json={"prompt": [1, 2, 3], "max_tokens": 2, "stream": True}, timeout=600)
     results = []
     for load in plan:
+        before = _step_counts(url)
         records, duration = run_http(url, load, processes)
-        results.append(summarize(records, [], duration) | {"load": load.label})
+        steps = {k: v - before[k] for k, v in _step_counts(url).items()}
+        results.append(summarize(records, [], duration) | {"load": load.label} | steps)
     Path(out).write_text(json.dumps(results))
     os.kill(os.getppid(), signal.SIGTERM)  # the server drains and returns
 
@@ -186,8 +207,10 @@ def main() -> None:
     report["in_process"] = []
     for load in plan:
         drive(engine, warm_up(load, load.concurrency, config.vocab_size), Clock())
+        engine.stats.clear()
         records, _ = drive(engine, load, Clock())
-        report["in_process"].append(summarize(records, [], max(r.finish_s for r in records)) | {"load": load.label})
+        report["in_process"].append(summarize(records, [], max(r.finish_s for r in records)) | {"load": load.label}
+                                    | in_process_steps(engine.stats))
         print("in-process", load.label, report["in_process"][-1]["output_tok_per_s"], "tok/s", flush=True)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(report, indent=1) + "\n")  # kept if the HTTP half fails
@@ -222,7 +245,9 @@ def main() -> None:
                      "throughput_ratio": round(http["output_tok_per_s"] / ours["output_tok_per_s"], 4),
                      "ttft_ms_p50": (ours["ttft_ms_p50"], http["ttft_ms_p50"]),
                      "ttft_p50_gap_ms": round(http["ttft_ms_p50"] - ours["ttft_ms_p50"], 3),
-                     "tpot_ms_p50": (ours["tpot_ms_p50"], http["tpot_ms_p50"])})
+                     "tpot_ms_p50": (ours["tpot_ms_p50"], http["tpot_ms_p50"]),
+                     "prefill_steps": (f"{ours['prefill_steps']}/{ours['steps']}",
+                                       f"{http['prefill_steps']:.0f}/{http['steps']:.0f}")})
         print(json.dumps(rows[-1]), flush=True)
     report["summary"] = rows
     args.output.write_text(json.dumps(report, indent=1) + "\n")

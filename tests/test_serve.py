@@ -437,6 +437,8 @@ class TestFourRanks(Serving):
         m = server.metrics()
         assert m[("shiftlib:steps_total", "sp")] > 0 and m[("shiftlib:steps_total", "tp")] > 0  # threshold 8
         assert m[("shiftlib:step_tokens_total", "sp")] > 8 * m[("shiftlib:steps_total", "sp")] - 1
+        for mode in ("tp", "sp"):  # prompts ran in either mode, and decodes alone in either (32 streams > 8)
+            assert 0 < m[("shiftlib:prefill_steps_total", mode)] < m[("shiftlib:steps_total", mode)], mode
         assert m[("shiftlib:mode_threshold_tokens",)] == 8
         assert m[("shiftlib:prompt_tokens_total",)] > 0 and m[("shiftlib:generation_tokens_total",)] > 0
         for name in ("time_to_first_token", "inter_token_latency", "e2e_request_latency", "request_queue_time",

@@ -47,6 +47,7 @@ class StepInfo(NamedTuple):
     kv_usage: float
     drafted: int = 0  # speculative decoding: draft tokens verified in the step, and those accepted
     accepted: int = 0
+    prefill: bool = False  # the step ran prompt tokens (it did more than one token plus its draft per request)
 
 
 class FrontendPipe:
@@ -219,7 +220,8 @@ class Lockstep:
             info = StepInfo(stats.mode if stats else "tp", stats.num_tokens if stats else 0,
                             stats.preempted if stats else 0, stats.seconds if stats else 0.0, synced, sync_s,
                             len(sched.running), len(sched.waiting), 1 - alloc.num_free / alloc.num_blocks,
-                            stats.drafted if stats else 0, stats.accepted if stats else 0)
+                            stats.drafted if stats else 0, stats.accepted if stats else 0,
+                            bool(stats) and stats.num_tokens > stats.num_seqs + stats.drafted)
             self.frontend.publish(outputs, started, self.rejected, info)
             self.rejected = []
 

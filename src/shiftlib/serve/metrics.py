@@ -49,7 +49,10 @@ class ServerMetrics:
         tokens = Counter("shiftlib:step_tokens", "Tokens scheduled (prefill chunks + decodes), by mode", **mode)
         seconds = Histogram("shiftlib:step_seconds", "Wall time of one engine step, by mode", buckets=STEP_BUCKETS,
                             **mode)
+        prefill = Counter("shiftlib:prefill_steps", "Engine steps that ran prompt tokens, alone or beside decodes, by "
+                          "mode (steps of decodes alone replay CUDA graphs; these run eagerly)", **mode)
         self.steps = {m: steps.labels(model_name, m) for m in MODES}
+        self.prefill_steps = {m: prefill.labels(model_name, m) for m in MODES}
         self.step_tokens = {m: tokens.labels(model_name, m) for m in MODES}
         self.step_seconds = {m: seconds.labels(model_name, m) for m in MODES}
         self.sync = Histogram("shiftlib:request_sync_seconds", "Rank 0's per-step broadcast of new and cancelled "
@@ -72,6 +75,8 @@ class ServerMetrics:
         """One engine step as rank 0 reported it (a :class:`shiftlib.serve.loop.StepInfo`)."""
         if info.num_tokens:
             self.steps[info.mode].inc()
+            if info.prefill:
+                self.prefill_steps[info.mode].inc()
             self.step_tokens[info.mode].inc(info.num_tokens)
             self.step_seconds[info.mode].observe(info.seconds)
         if info.preempted:
