@@ -3,8 +3,9 @@
 The benchmark's closed-loop loads (``shiftlib bench``: 512-token prompts, 64 new tokens, greedy, ``ignore_eos``)
 run first straight into the engine, then through ``shiftlib serve``'s HTTP API (streamed completions with
 token-id prompts, the way load generators for OpenAI endpoints send them), driven by client processes apart from
-the server (:mod:`http_load`), on prompts of their own. The same engine (weights, cache, captured CUDA graphs) serves both, so the difference is what
-serving costs: the per-step request broadcast and hand-off to the HTTP process, HTTP, SSE, detokenization.
+the server (:mod:`http_load`), on prompts of their own. The same engine (weights, cache, captured CUDA graphs)
+serves both, so the difference is what serving costs: the per-step request broadcast and hand-off to the HTTP
+process, HTTP, SSE, detokenization; and, since HTTP arrivals spread over steps, how many steps run prefill.
 Also measured: the per-step cost of the request broadcast between CPU gloo ranks.
 
     python examples/serve_bench.py --preset llama-8b --concurrency 1,64,256 --output docs/bench/serve_h200.json
