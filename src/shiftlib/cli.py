@@ -81,15 +81,17 @@ def _world() -> int:
 # -- shared pieces -----------------------------------------------------------------------------------------
 
 
-def _at_least(low: float, kind=int):
-    """An argparse type: ``kind`` values below ``low`` are an error that names the flag (argparse adds it)."""
+def _at_least(low: float, kind=int, at_most: float | None = None):
+    """An argparse type: ``kind`` values below ``low`` (or above ``at_most``) are an error that names the flag
+    (argparse adds it)."""
     def parse(text: str):
         try:
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {text!r}")
-        if value < low:
-            raise argparse.ArgumentTypeError(f"must be >= {low}, got {text}")
+        if value < low or (at_most is not None and value > at_most):
+            bound = f">= {low}" if at_most is None else f"in [{low}, {at_most}]"
+            raise argparse.ArgumentTypeError(f"must be {bound}, got {text}")
         return value
     parse.__name__ = kind.__name__
     return parse

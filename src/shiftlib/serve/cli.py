@@ -19,9 +19,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     from shiftlib.cli import _add_model_arguments, _at_least, add_engine_arguments
 
     p = subparsers.add_parser("serve", help="serve the model over an OpenAI-compatible HTTP API (under torchrun)",
-                              description="Serve the model over an OpenAI-compatible HTTP API: every rank steps the "
-                                          "engine in lockstep, rank 0 serves HTTP. vLLM's spellings of the mesh and mode "
-                                          "options work as aliases.")
+                              description="Serve the model over an OpenAI-compatible HTTP API: every rank steps "
+                                          "the engine in lockstep, rank 0 serves HTTP. vLLM's spellings of the mesh "
+                                          "and mode options work as aliases.")
     _add_model_arguments(p)
     add_engine_arguments(p)
     a = p.add_argument
@@ -32,7 +32,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     a("--enable-shift-parallel", dest="mode", action="store_const", const="auto", help="the same as --mode auto",
       **alias)
     a("--host", default="127.0.0.1", help="address to listen on; 0.0.0.0 for every interface")
-    a("--port", type=_at_least(0), default=8000, help="port to listen on; 0 picks a free one")
+    a("--port", type=_at_least(0, at_most=65535), default=8000, help="port to listen on; 0 picks a free one")
     a("--served-model-name", default=None, help="the model's id in the API (default: --model as given)")
     a("--max-waiting", type=_at_least(0), default=1024,
       help="requests queued beyond the running ones; more are refused with 503 and Retry-After")
@@ -58,8 +58,6 @@ def run(args) -> int:
     missing = [m for m in ("fastapi", "uvicorn", "prometheus_client") if importlib.util.find_spec(m) is None]
     if missing:
         raise UserError(f"shiftlib serve needs {', '.join(missing)}: pip install \"shiftlib[serve]\"")
-    if args.port > 65535:
-        raise UserError(f"--port must be in [0, 65535], got {args.port}")
     tp, sp = _mesh_shape(args)
     device = pick_device(args)
     model_dir = _model_dir(args.model)
