@@ -31,6 +31,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from http_load import closed_loop  # examples/, next to this file
 
 import shiftlib
 from shiftlib.bench.driver import Clock, drive
@@ -39,11 +40,9 @@ from shiftlib.bench.suite import machine, versions
 from shiftlib.bench.workloads import Load, concurrency_sweep, warm_up
 from shiftlib.presets import preset_config, random_model
 from shiftlib.serve.frontend import FrontendConfig
-from shiftlib.serve.loop import FrontendPipe, Lockstep
+from shiftlib.serve.loop import FrontendPipe, Lockstep, ran_prefill
 from shiftlib.serve.protocol import Limits
 from shiftlib.serve.sync import Arrival, StepMessage, StepSync
-
-from http_load import closed_loop  # noqa: E402 - examples/, next to this file
 
 
 def byte_level_tokenizer(vocab_size: int, directory: Path) -> None:
@@ -105,7 +104,7 @@ def _step_counts(url: str) -> dict[str, float]:
 
 def in_process_steps(stats) -> dict[str, int]:
     """:func:`_step_counts` for the in-process half, from the engine's own step records."""
-    return {"steps": len(stats), "prefill_steps": sum(s.num_tokens > s.num_seqs + s.drafted for s in stats)}
+    return {"steps": len(stats), "prefill_steps": sum(map(ran_prefill, stats))}
 
 
 def driver_main(url: str, plan: list[Load], processes: int, out: str) -> None:

@@ -24,6 +24,7 @@ from collections import deque
 from typing import NamedTuple
 
 from shiftlib.engine import Engine
+from shiftlib.engine.engine import StepStats
 from shiftlib.engine.sequence import Status
 from shiftlib.serve.frontend import FrontendConfig, run_frontend
 from shiftlib.serve.protocol import Limits
@@ -47,7 +48,12 @@ class StepInfo(NamedTuple):
     kv_usage: float
     drafted: int = 0  # speculative decoding: draft tokens verified in the step, and those accepted
     accepted: int = 0
-    prefill: bool = False  # the step ran prompt tokens (it did more than one token plus its draft per request)
+    prefill: bool = False  # ran_prefill
+
+
+def ran_prefill(stats: StepStats) -> bool:
+    """The step ran prompt tokens (more than one token and its draft per request), so it ran without a graph."""
+    return stats.num_tokens > stats.num_seqs + stats.drafted
 
 
 class FrontendPipe:
@@ -221,7 +227,7 @@ class Lockstep:
                             stats.preempted if stats else 0, stats.seconds if stats else 0.0, synced, sync_s,
                             len(sched.running), len(sched.waiting), 1 - alloc.num_free / alloc.num_blocks,
                             stats.drafted if stats else 0, stats.accepted if stats else 0,
-                            bool(stats) and stats.num_tokens > stats.num_seqs + stats.drafted)
+                            ran_prefill(stats) if stats else False)
             self.frontend.publish(outputs, started, self.rejected, info)
             self.rejected = []
 
