@@ -190,7 +190,8 @@ def build_app(link: EngineLink, tokenizer, defaults: dict, config: FrontendConfi
             headers = {"Retry-After": str(RETRY_AFTER_S)} if e.status == 503 else None
             return JSONResponse(e.body(), status_code=e.status, headers=headers)
         run = JobRun(job, link, decode, metrics)
-        shape = Shapes(kind, name, (lambda t: f"token_id:{t}") if job.tokens_as_ids else token_text, job.return_token_ids)
+        text_of = (lambda t: f"token_id:{t}") if job.tokens_as_ids else token_text
+        shape = Shapes(kind, name, text_of, job.return_token_ids)
         if job.stream:
             return EventSourceResponse(_events(run, shape))
         return await _whole(run, shape, request)

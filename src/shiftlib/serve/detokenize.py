@@ -91,7 +91,8 @@ class TextStream:
     """One choice's text: detokenized, then cut at stop strings (looked for once ``min_tokens`` are out, as
     vLLM does)."""
 
-    def __init__(self, decode: Callable[[list[int]], str], prompt: list[int], stops: list[str], min_tokens: int = 0) -> None:
+    def __init__(self, decode: Callable[[list[int]], str], prompt: list[int], stops: list[str],
+                 min_tokens: int = 0) -> None:
         self.detokenizer = Detokenizer(decode, prompt)
         self.stops = StopStrings(stops)
         self.min_tokens, self.count = min_tokens, 0

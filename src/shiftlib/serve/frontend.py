@@ -29,7 +29,6 @@ from pathlib import Path
 
 from shiftlib.serve.sync import Arrival
 
-
 BACKLOG = 4096  # connections a burst of clients may open before they are accepted
 
 

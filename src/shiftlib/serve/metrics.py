@@ -33,7 +33,8 @@ class ServerMetrics:
                                buckets=LATENCY_BUCKETS, **labels).labels(model_name)
         self.running = Gauge("shiftlib:num_requests_running", "Requests in the engine's running batch",
                              **labels).labels(model_name)
-        self.waiting = Gauge("shiftlib:num_requests_waiting", "Requests queued for the engine", **labels).labels(model_name)
+        self.waiting = Gauge("shiftlib:num_requests_waiting", "Requests queued for the engine",
+                             **labels).labels(model_name)
         self.kv_usage = Gauge("shiftlib:kv_cache_usage_perc", "Share of KV-cache blocks in use (1 = full)",
                               **labels).labels(model_name)
         self.prompt_tokens = Counter("shiftlib:prompt_tokens", "Prompt tokens of requests that started",
