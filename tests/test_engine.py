@@ -260,7 +260,7 @@ def _logits_by_chunk(tp: int, sp: int, chunks: tuple[int, ...], block_size: int,
     for chunk in chunks:
         engine = Engine(parallel("mistral", tp, sp), num_blocks=32, block_size=block_size, max_num_tokens=chunk, mode=mode)
         run, seen = engine.runner.run, []
-        engine.runner.run = lambda plan: (lambda r: seen.append(r[0].clone()) or r)(run(plan))
+        engine.runner.run = lambda *args: (lambda r: seen.append(r[0].clone()) or r)(run(*args))
         engine.generate([prompt], SamplingParams(max_new_tokens=3))
         out.append(torch.cat(seen))
     return [rel_error(x, out[-1]) for x in out[:-1]]
@@ -318,7 +318,8 @@ def _engines_are_freed() -> list[bool]:
     shiftlib.generate(model, prompts((4,)), max_new_tokens=2)
     reused = model._shiftlib_engine[1] is first and not first.requests
     rid = first.add_request(prompts((3,))[0], SamplingParams(max_new_tokens=1))
-    first.step()
+    while first.has_unfinished:
+        first.step()
     first.completion(rid)
     with pytest.raises(ValueError, match="already handed over"):
         first.completion(rid)

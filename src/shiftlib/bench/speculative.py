@@ -80,6 +80,20 @@ def _prompt(rng: torch.Generator, n: int, vocab: int) -> list[int]:
     return torch.randint(0, vocab, (n,), generator=rng).tolist()
 
 
+class _RandomDrafts:
+    """The engine's speculator for :func:`verify_costs`: ``k`` random tokens for every request."""
+
+    def __init__(self, rng: torch.Generator, vocab: int) -> None:
+        self.rng, self.vocab, self.k = rng, vocab, 0
+
+    def draft(self, running: list, max_context: int, max_rows: int | None) -> None:
+        for seq in running:
+            seq.draft = _prompt(self.rng, self.k, self.vocab)
+
+    def finish(self, key: int, output: list[int]) -> None:
+        pass
+
+
 def verify_costs(model, vocab: int, batches: list[int], ks: list[int], context: int, steps: int = 10) -> dict:
     """Median step time of ``batch`` requests at ``context`` tokens verifying drafts of ``k`` random tokens
     (``k = 0``: a plain decode step); random drafts are rejected, so the context stays put."""
@@ -88,21 +102,20 @@ def verify_costs(model, vocab: int, batches: list[int], ks: list[int], context: 
     for b in batches:
         blocks = b * (context + 64 + 16 * len(ks) * (steps + 2)) // 16 + 8 * b + 64
         engine = Engine(model, num_blocks=blocks, block_size=16, max_num_tokens=max(4096, b * context), max_num_seqs=b)
+        engine.speculator = drafts = _RandomDrafts(rng, vocab)  # and so the loop that speculation runs in
         params = SamplingParams(max_new_tokens=len(ks) * (steps + 2) * 17 + 8, ignore_eos=True)
         for _ in range(b):
             engine.add_request(_prompt(rng, context, vocab), params)
         engine.step()  # the prefill
         row = {}
-        for k in ks:
+        for drafts.k in ks:
             times = []
             for _ in range(steps + 2):
-                for seq in engine.scheduler.running:
-                    seq.draft = _prompt(rng, k, vocab)
                 engine.step()
                 s = engine.stats[-1]
-                assert s.num_seqs == b and s.drafted == b * k, s
+                assert s.num_seqs == b and s.drafted == b * drafts.k, s
                 times.append(s.seconds)
-            row[str(k)] = round(1000 * statistics.median(times[2:]), 4)
+            row[str(drafts.k)] = round(1000 * statistics.median(times[2:]), 4)
         out[str(b)] = dict(step_ms=row, ratio_to_decode={k: round(v / row["0"], 3) for k, v in row.items()})
         del engine
         if torch.cuda.is_available():

@@ -14,8 +14,9 @@ from shiftlib.cache import BlockAllocator, PagedKVCache
 from shiftlib.engine.failure import Failure
 from shiftlib.engine.memory import kv_blocks
 from shiftlib.engine.runner import GRAPH_BUCKETS, Runner
-from shiftlib.engine.sampler import SamplingParams, ban_stops, eos_ids, record_logprobs, sample
-from shiftlib.engine.scheduler import Scheduler
+from shiftlib.engine.inflight import InFlight
+from shiftlib.engine.sampler import Logprobs, SamplingParams, ban_stops, eos_ids, sample
+from shiftlib.engine.scheduler import Scheduler, StepPlan
 from shiftlib.engine.sequence import Sequence, Status
 from shiftlib.engine.speculator import speculator, verify
 from shiftlib.modules.model import check_mode
@@ -143,7 +144,7 @@ class Engine:
         self.speculator = speculator(speculative, num_speculative_tokens, speculative_max_batch)
         self.stats: deque[StepStats] = deque(maxlen=STATS_KEPT)
         self.requests: dict[int, Sequence] = {}
-        self._next_id = 0
+        self._next_id, self._inflight = 0, None
         # A base seed shared by every rank (the largest of one random draw per rank) for unseeded requests.
         self._base_seed = int(mesh.reduce_all(torch.randint(0, 2**40, (1,), device=mesh.device), "max"))
         self.failure = Failure(mesh.world, str(self._base_seed))
@@ -227,7 +228,7 @@ class Engine:
 
     @property
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_work
+        return self.scheduler.has_work or self._inflight is not None
 
     def pick_mode(self, num_tokens: int) -> str:
         return self.shift.pick_mode(num_tokens, self.mode, self.threshold)
@@ -255,17 +256,28 @@ class Engine:
         if self.speculator:
             self.speculator.draft(self.scheduler.running, self.max_context, self.runner.graph_rows)
         plan = self.scheduler.schedule(self.pick_mode)
-        if not plan.work:
-            return []
-        logits, rows = self.runner.run(plan)  # a request with a draft of k tokens has k + 1 rows
+        launched = self._launch(plan) if plan.work else None
+        # Read the step before this one while this one runs (:mod:`shiftlib.engine.inflight`); drafts need the
+        # tokens at once, to draft the next step from.
+        done, self._inflight = (launched, None) if self.speculator else (self._inflight, launched)
+        return self._resolve(done, start) if done else []
+
+    def _launch(self, plan: StepPlan) -> InFlight:
+        logits, rows = self.runner.run(plan, self._inflight and self._inflight.tokens)  # k + 1 rows for k drafts
         allowed = ban_stops(logits, rows, self.stop_ids)  # no EOS or stop token before min_tokens
-        tokens = self.failure.tolist(sample(allowed, [s.params for s in rows], [s.generator for s in rows])) if rows else []
-        now = time.perf_counter()
+        tokens = sample(allowed, [s.params for s in rows], [s.generator for s in rows])
         self.scheduler.advance(plan)
-        events, (verified, drafted, accepted) = [], verify(rows, tokens, self.scheduler)
-        record_logprobs(logits, rows, verified)
-        for seq, new in verified:
-            for token in new:  # a stop inside accepted draft tokens ends the request there
+        return InFlight(plan, rows, tokens, Logprobs(logits, rows, tokens))
+
+    def _resolve(self, step: InFlight, start: float) -> list[tuple[int, int]]:
+        tokens, logprobs = step.result(self.failure)
+        now, events = time.perf_counter(), []
+        verified, drafted, accepted = verify(step.rows, tokens, self.scheduler)
+        for seq, row, new in verified:
+            seq.inflight -= 1
+            if seq.status is Status.FINISHED:  # it stopped, or was aborted, while this step ran: drop the token
+                continue
+            for count, token in enumerate(new, 1):  # a stop inside accepted draft tokens ends the request there
                 seq.output.append(token)
                 seq.first_token_time = seq.first_token_time or now
                 events.append((seq.id, token))
@@ -273,6 +285,12 @@ class Engine:
                 if stop or len(seq.output) >= seq.params.max_new_tokens:
                     self._finish(seq, "stop" if stop else "length")
                     break
+            if seq.params.logprobs is not None:
+                step.logprobs.record(seq, row, count, logprobs)
+        for seq, _ in step.plan.work:
+            if seq.status is not Status.FINISHED:
+                self.scheduler.offer(seq)
+        plan = step.plan
         stats = (plan.mode, plan.num_tokens, len(plan.work), len(verified), plan.preempted, now - start)
         self.stats.append(StepStats(*stats, drafted, accepted))
         return events

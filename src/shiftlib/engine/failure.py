@@ -35,13 +35,16 @@ class Failure:
             if self.store is not None:
                 self.store.set(self.key, self.error)
 
-    def tolist(self, t: torch.Tensor) -> list:
-        """``t.tolist()``; on GPU with peers, watching the store until the step that makes ``t`` is done."""
-        if t.is_cuda and self.store is not None:
-            done, next_look = torch.cuda.Event(), time.perf_counter() + POLL_S
-            done.record()
-            while not done.query():
-                if time.perf_counter() > next_look:
-                    self.check()
-                    next_look += POLL_S
-        return t.tolist()
+    def wait(self, done: torch.cuda.Event | None) -> None:
+        """Until ``done`` (the end of a step on the GPU; ``None``: nothing to wait for), watching the store meanwhile
+        when there are peers."""
+        if done is None:
+            return
+        if self.store is None:
+            done.synchronize()
+            return
+        next_look = time.perf_counter() + POLL_S
+        while not done.query():
+            if time.perf_counter() > next_look:
+                self.check()
+                next_look += POLL_S

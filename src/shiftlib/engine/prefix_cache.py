@@ -32,7 +32,8 @@ def claim(allocator: BlockAllocator, seq: Sequence, bs: int) -> None:
 
 
 def offer(allocator: BlockAllocator, seq: Sequence, bs: int) -> None:
-    """Offer the blocks of ``seq`` that the last step filled for reuse by later requests."""
-    for i in range(len(seq.keys), seq.num_cached // bs):
+    """Offer the full blocks of ``seq`` that steps filled since the last offer for reuse by later requests, up to
+    its first token still on the device (its K/V are on their way, but a key needs the token)."""
+    for i in range(len(seq.keys), min(seq.num_cached, seq.num_tokens - seq.inflight) // bs):
         seq.keys.append(_key(seq.keys[-1] if seq.keys else 0, seq, i, bs))
         allocator.cache(seq.blocks[i], seq.keys[-1])

@@ -43,19 +43,25 @@ class Runner:
             self.pool = torch.cuda.graph_pool_handle() if self.device.type == "cuda" else None
             self.widths = {b: self._split_widths(b) for b in self.buckets}
 
-    def inputs(self, plan: StepPlan) -> tuple[torch.Tensor, torch.Tensor, AttentionBatch, torch.Tensor, list[Sequence]]:
-        """Host-side lists for the whole step, moved to the device in one go per tensor.
+    def inputs(self, plan: StepPlan, previous: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, AttentionBatch, torch.Tensor, list[Sequence]]:
+        """Host-side lists for the whole step, moved to the device in one transfer from pinned memory.
 
         A request with a draft of k tokens runs them after its pending token as k + 1 decode rows of their own
         (one query each over the same blocks), so verification takes the decode kernel and its CUDA graphs;
-        all k + 1 rows are sampled, and the request is listed once per row.
+        all k + 1 rows are sampled, and the request is listed once per row. A token still on the device (the
+        step in flight sampled it: :mod:`shiftlib.engine.inflight`) is taken from ``previous``, that step's tokens.
         """
         bs = self.cache.block_size
-        tokens, positions, slots, rows, sampled = [], [], [], [], []
+        tokens, positions, slots, rows, sampled, fill_at, fill_from = [], [], [], [], [], [], []
         query_start, context_lens, tables = [0], [], []
         for seq, n in plan.work:
             start, k = seq.num_cached, len(seq.draft)
-            tokens += seq.token_slice(start, start + n - k) + seq.draft
+            known = seq.token_slice(start, start + n - k)
+            if len(known) < n - k:
+                fill_at.append(len(tokens) + len(known))
+                fill_from.append(seq.inflight_row)
+                known.append(0)
+            tokens += known + seq.draft
             positions += range(start, start + n)
             slots += [seq.blocks[p // bs] * bs + p % bs for p in range(start, start + n)]
             for end in range(start + 1, start + n + 1) if k else (start + n,):
@@ -65,26 +71,27 @@ class Runner:
             if start + n - k == seq.num_tokens:  # all known tokens are in: sample the next one (and verify)
                 rows += range(query_start[-1] - 1 - k, query_start[-1])
                 sampled += [seq] * (k + 1)
-        block_tables = np.zeros((len(tables), max(map(len, tables))), dtype=np.int32)
+        block_tables = np.zeros((len(tables), max(map(len, tables))), dtype=np.int64)
         for b, blocks in enumerate(tables):
             block_tables[b, : len(blocks)] = blocks
-
-        def dev(x, dtype=torch.long) -> torch.Tensor:
-            return torch.as_tensor(x, dtype=dtype).to(self.device, non_blocking=True)
-
-        pos = dev(positions)
+        parts = [tokens, positions, slots, context_lens, rows, fill_at, fill_from]
+        flat = torch.from_numpy(np.concatenate([np.asarray(p, dtype=np.int64) for p in parts] + [block_tables.ravel()]))
+        flat = (flat.pin_memory() if self.device.type == "cuda" else flat).to(self.device, non_blocking=True)
+        tok, pos, slot, lens, row, at, src, table = flat.split([len(p) for p in parts] + [block_tables.size])
+        if fill_at:
+            tok = tok.index_copy(0, at, previous[src])
         batch = AttentionBatch(
             query_pos=pos,
-            write_slots=dev(slots),
-            block_tables=dev(block_tables, torch.int32),
+            write_slots=slot,
+            block_tables=table.view(block_tables.shape).int(),
             block_size=bs,
-            context_lens=dev(context_lens, torch.int32),
+            context_lens=lens.int(),
             query_start=query_start,
             context_lens_host=context_lens,
             decode=len(tables) == len(tokens),
             num_decodes=next((b for b in range(len(tables)) if query_start[b + 1] - query_start[b] > 1), len(tables)),
         )
-        return dev(tokens), pos, batch, dev(rows), sampled
+        return tok, pos, batch, row, sampled
 
     def _forward(self, tokens, positions, batch: AttentionBatch, mode: str, rows) -> torch.Tensor:
         h = self.shift.hidden(tokens, positions, batch, mode, rows, self.cache.layers, self.cache.trash_slot)
@@ -120,8 +127,10 @@ class Runner:
             self.graphs[key] = self._capture(*key)
 
     @torch.inference_mode()
-    def run(self, plan: StepPlan) -> tuple[torch.Tensor, list[Sequence]]:
-        tokens, positions, batch, rows, sampled = self.inputs(plan)
+    def run(self, plan: StepPlan, previous: torch.Tensor | None = None) -> tuple[torch.Tensor, list[Sequence]]:
+        """The logits of the step's sampled rows, and the request of each row; ``previous``: the tokens of the step
+        in flight, if any."""
+        tokens, positions, batch, rows, sampled = self.inputs(plan, previous)
         n = tokens.shape[0]
         if self.use_graphs and batch.decode and n <= self.buckets[-1]:
             key = self._key(plan.mode, n, batch.block_tables.shape[1])

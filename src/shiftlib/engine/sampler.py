@@ -141,23 +141,23 @@ def ban_stops(logits: torch.Tensor, rows: list, stop_ids: frozenset[int]) -> tor
     return logits
 
 
-def record_logprobs(logits: torch.Tensor, rows: list, verified: list) -> None:
-    """Append ``(log-probability, [(token, log-probability)] of the top alternatives)`` for each new token of
-    the requests that ask, to their ``logprobs``: the model's own distribution, before temperature, top-k/top-p
-    and ``min_tokens``. ``verified``: ``(request, new tokens)``, the new tokens from the request's first rows."""
-    want = [(seq, new) for seq, new in verified if seq.params.logprobs is not None and new]
-    if not want:
-        return
-    first: dict[int, int] = {}
-    for i, s in enumerate(rows):
-        first.setdefault(s.id, i)
-    index = [first[seq.id] + j for seq, new in want for j in range(len(new))]
-    lp = logits[index].to(torch.promote_types(logits.dtype, torch.float32)).log_softmax(-1)
-    chosen = lp.gather(1, torch.tensor([[t] for _, new in want for t in new], device=lp.device)).flatten().tolist()
-    top = lp.topk(min(max(seq.params.logprobs for seq, _ in want), lp.shape[-1]), dim=-1)
-    values, ids, r = top.values.tolist(), top.indices.tolist(), 0
-    for seq, new in want:
-        n = seq.params.logprobs
-        for _ in new:
-            seq.logprobs.append((chosen[r], list(zip(ids[r][:n], values[r][:n]))))
-            r += 1
+class Logprobs:
+    """Each sampled token's log-probability and its most likely alternatives, for the rows that ask: the model's
+    own distribution, before temperature, top-k/top-p and ``min_tokens``. Computed on the device as the step
+    runs (a CUDA graph's logits are overwritten by the next replay), read with the step's tokens."""
+
+    def __init__(self, logits: torch.Tensor, rows: list, tokens: torch.Tensor) -> None:
+        self.index = {r: i for i, r in enumerate(r for r, s in enumerate(rows) if s.params.logprobs is not None)}
+        self.tensors: list[torch.Tensor] = []
+        if self.index:
+            at = torch.tensor(list(self.index), device=logits.device)
+            lp = logits[at].to(torch.promote_types(logits.dtype, torch.float32)).log_softmax(-1)
+            top = lp.topk(min(max(rows[r].params.logprobs for r in self.index), lp.shape[-1]), dim=-1)
+            self.tensors = [lp.gather(1, tokens[at, None])[:, 0], top.values, top.indices]
+
+    def record(self, seq, row: int, count: int, host: list[list]) -> None:
+        """Append to ``seq.logprobs`` the entries of its ``count`` tokens from rows ``row`` on; ``host``: the
+        tensors, read."""
+        (chosen, values, ids), n = host, seq.params.logprobs
+        for i in (self.index[r] for r in range(row, row + count)):
+            seq.logprobs.append((chosen[i], list(zip(ids[i][:n], values[i][:n]))))

@@ -76,7 +76,7 @@ class Scheduler:
 
         # Running requests, decodes before prefill chunks, oldest first.
         for pending, seq in sorted(((s.pending, s) for s in self.running), key=lambda t: (t[0] > 1, t[1].arrival)):
-            if seq.status is not Status.RUNNING or (n := room(pending)) == 0:
+            if seq.status is not Status.RUNNING or seq.sampled_all or (n := room(pending)) == 0:
                 continue
             if seq.draft:  # it takes what is left of the budget and of the blocks the others' next tokens need not
                 spare = (len(seq.blocks) + max(self.allocator.num_free - len(self.running), 0)) * self.block_size
@@ -109,12 +109,14 @@ class Scheduler:
         return StepPlan(work, pick_mode(total) if work else "tp", preempted)
 
     def advance(self, plan: StepPlan) -> None:
-        """The step ran: its tokens are in the cache, and its newly full blocks may serve later requests (draft
-        tokens count once verified: :meth:`rollback`)."""
+        """The step is on its way: its tokens count as cached (draft tokens once verified: :meth:`rollback`)."""
         for seq, n in plan.work:
             seq.num_cached += n - len(seq.draft)
-            if self.prefix_caching:
-                prefix_cache.offer(self.allocator, seq, self.block_size)
+
+    def offer(self, seq: Sequence) -> None:
+        """Its newly full blocks may serve later requests, now that their tokens are known."""
+        if self.prefix_caching:
+            prefix_cache.offer(self.allocator, seq, self.block_size)
 
     def rollback(self, seq: Sequence, accepted: int) -> None:
         """A verified draft: its first ``accepted`` tokens are cached; free the blocks its rejected ones took."""
@@ -124,6 +126,7 @@ class Scheduler:
         del seq.blocks[keep:]
 
     def finish(self, seq: Sequence) -> None:
+        self.offer(seq)
         self.allocator.free(seq.blocks)
         seq.blocks, seq.status = [], Status.FINISHED
         self.running.remove(seq)

@@ -30,6 +30,8 @@ class Sequence:
     keys: list[object] = field(default_factory=list)  # prefix keys of the leading full blocks, once computed
     num_cached: int = 0  # leading tokens whose K/V are in the cache
     draft: list[int] = field(default_factory=list)  # speculated tokens to verify after the pending one
+    inflight: int = 0  # tokens sampled on the device that the host has not read yet (the overlapped loop)
+    inflight_row: int = 0  # the newest one's row in the tokens of the step that sampled it
     first_token_time: float | None = None
     finish_time: float | None = None
     finish_reason: str | None = None
@@ -41,14 +43,21 @@ class Sequence:
 
     @property
     def num_tokens(self) -> int:
-        return len(self.prompt) + len(self.output)
+        """Tokens so far, those still on the device included."""
+        return len(self.prompt) + len(self.output) + self.inflight
 
     def token_slice(self, start: int, stop: int) -> list[int]:
-        """``tokens[start:stop]`` without building the whole list (a decode step needs one token)."""
+        """``tokens[start:stop]`` without building the whole list (a decode step needs one token); shorter
+        where it reaches a token still on the device."""
         p = len(self.prompt)
         if start >= p:
             return self.output[start - p : stop - p]
         return self.prompt[start:stop] + self.output[: max(stop - p, 0)]
+
+    @property
+    def sampled_all(self) -> bool:
+        """Its last token is sampled (it may still be on the device): nothing more to run."""
+        return len(self.output) + self.inflight >= self.params.max_new_tokens
 
     @property
     def pending(self) -> int:

@@ -234,8 +234,8 @@ class SuffixSpeculator:
 
 
 def verify(rows: list[Sequence], tokens: list[int], scheduler: Scheduler) -> tuple[list, int, int]:
-    """Each request's new tokens, from the tokens chosen for its rows (one per row); and the draft tokens
-    verified and accepted in all.
+    """Each request's first row and new tokens, from the tokens chosen for its rows (one per row); and the
+    draft tokens verified and accepted in all.
 
     A draft of ``k`` tokens ran as ``k + 1`` rows: its tokens hold up to the first that differs from the
     token the target chose at that position (the argmax, or a sample: either way the output keeps the
@@ -248,7 +248,7 @@ def verify(rows: list[Sequence], tokens: list[int], scheduler: Scheduler) -> tup
         j = next((j for j in range(k) if seq.draft[j] != chosen[j]), k)
         if k:
             scheduler.rollback(seq, j)
-        out.append((seq, chosen[: j + 1]))
+        out.append((seq, i, chosen[: j + 1]))
         drafted, accepted, i = drafted + k, accepted + j, i + k + 1
     return out, drafted, accepted
 

@@ -216,8 +216,7 @@ class Lockstep:
             seq = requests[rid]
             finished = seq.status is Status.FINISHED
             if self.frontend is not None:
-                end = len(seq.output)  # logprobs[i] is output[i]'s (a stop inside a draft may leave one more)
-                logprobs = seq.logprobs[end - len(tokens) : end] if seq.params.logprobs is not None else None
+                logprobs = seq.logprobs[-len(tokens):] if seq.params.logprobs is not None else None  # output[i]'s is logprobs[i]
                 outputs.append((self.uid_of[rid], tokens, logprobs, seq.finish_reason if finished else None))
             if finished:
                 del requests[rid], self.rid_of[self.uid_of.pop(rid)]
