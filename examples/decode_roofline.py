@@ -76,9 +76,9 @@ def decode_steps(model, batch: int, graphs: bool, prompt: int, new: int) -> dict
 
 def ttft(model, prompt: int) -> float:
     engine = shiftlib.Engine(model, num_blocks=prompt // 16 + 4, max_num_tokens=prompt, cuda_graphs=False)
-    ids = torch.randint(0, 128000, (prompt,)).tolist()
     times = []
-    for _ in range(3):
+    for _ in range(3):  # a new prompt each time: no prefix-cache hit
+        ids = torch.randint(0, 128000, (prompt,)).tolist()
         rid = engine.add_request(ids, shiftlib.SamplingParams(max_new_tokens=1, ignore_eos=True))
         for _ in engine.stream():
             pass

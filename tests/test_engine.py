@@ -91,6 +91,24 @@ def test_chunked_prefill_and_preemption_with_fewer_kv_heads_than_ranks(ranks):
         assert ok and preempted > 0 and chunked and modes == {"tp", "sp"}
 
 
+def _one_step_late() -> tuple:
+    p = prompts((5,))[0]
+    want = hf_greedy("llama", p, 4)
+    engine = Engine(parallel("llama", 1, 1), num_blocks=16, block_size=4)
+    rid = engine.add_request(p, SamplingParams(max_new_tokens=4, stop_token_ids=(want[1],)))
+    out = []
+    while engine.has_unfinished:
+        out.append(engine.step())
+    return out, [s.num_tokens for s in engine.stats], rid, want
+
+
+def test_the_host_reads_a_step_s_tokens_while_the_next_one_runs_and_a_stop_drops_the_extra_token(ranks):
+    (out, tokens_run, rid, want), = ranks(1).run(_one_step_late)
+    # the prefill, then two decodes; the third decode was launched before the host saw the stop, and gives nothing
+    assert out == [[], [(rid, want[0])], [(rid, want[1])], []]
+    assert tokens_run == [5, 1, 1]
+
+
 def _stopping(tp: int, sp: int) -> dict:
     """Each way a request ends, with its tokens and finish reason."""
     p = prompts((7,))[0]
@@ -109,10 +127,14 @@ def _stopping(tp: int, sp: int) -> dict:
         "eos": with_eos.add_request(p, SamplingParams(max_new_tokens=NEW)),
         "ignore_eos": with_eos.add_request(p, SamplingParams(max_new_tokens=NEW, ignore_eos=True)),
     }
+    streamed: dict = {}  # (engine, request) -> the tokens step() gave out, one step after it ran them
     for e in (engine, with_eos):
         while e.has_unfinished:
-            e.step()
+            for rid, token in e.step():
+                streamed.setdefault((id(e), rid), []).append(token)
     got = {k: engine.completion(i) for k, i in ids.items()} | {k: with_eos.completion(i) for k, i in eos_ids.items()}
+    owner = {k: engine for k in ids} | {k: with_eos for k in eos_ids}
+    assert all(streamed.get((id(owner[k]), c.id), []) == c.tokens for k, c in got.items()), streamed
     return {k: (c.tokens, c.finish_reason) for k, c in got.items()} | {"want": want, "stop": stop}
 
 
@@ -120,7 +142,7 @@ def test_requests_stop_on_eos_stop_tokens_and_length_with_exactly_their_tokens(r
     for got in ranks(2).run(_stopping, 1, 2):
         want, stop = got["want"], got["stop"]
         until_stop = want[: want.index(stop) + 1]
-        assert got["stop_token"] == (until_stop, "stop")
+        assert got["stop_token"] == (until_stop, "stop")  # the step launched behind the stop gave no token out
         assert got["eos"] == (until_stop, "stop")
         assert got["ignore_eos"] == (want, "length")
         assert got["length"] == (want[:5], "length")

@@ -253,7 +253,7 @@ def check_lengths(ids: list[list[int]], max_new_tokens: int, config, num_blocks:
 
 def run_generate(args) -> int:
     import shiftlib
-    from shiftlib.engine.engine import CPU_DEFAULT_BLOCKS
+    from shiftlib.engine.memory import CPU_DEFAULT_BLOCKS
     from shiftlib.loading import _load_tokenizer, _read_config
 
     tp, sp = _mesh_shape(args)

@@ -10,9 +10,9 @@ from typing import Iterable, Iterator, Sequence as Seq
 import torch
 from torch import nn
 
-from shiftlib.cache import BlockAllocator, PagedKVCache
+from shiftlib.cache import BlockAllocator
 from shiftlib.engine.failure import Failure
-from shiftlib.engine.memory import kv_blocks
+from shiftlib.engine.memory import kv_cache
 from shiftlib.engine.runner import GRAPH_BUCKETS, Runner
 from shiftlib.engine.inflight import InFlight
 from shiftlib.engine.sampler import Logprobs, SamplingParams, ban_stops, eos_ids, sample
@@ -22,7 +22,6 @@ from shiftlib.engine.speculator import speculator, verify
 from shiftlib.modules.model import check_mode
 from shiftlib.plan import shift_model
 
-CPU_DEFAULT_BLOCKS = 1024
 STATS_KEPT = 100_000  # the latest steps' StepStats; older ones are dropped
 
 
@@ -36,7 +35,8 @@ class StepStats:
         num_seqs: requests in the step.
         num_sampled: requests that got a new token (a prefill chunk that does not end its prompt gets none).
         preempted: requests preempted to make room in the cache during scheduling.
-        seconds: wall time of the step, scheduling and sampling included.
+        seconds: wall time of the :meth:`Engine.step` call that read the step's tokens: under load, the time from
+            one step's tokens to the next's.
         drafted, accepted: speculated tokens verified in the step (counted in ``num_tokens``), and those kept.
     """
 
@@ -120,9 +120,6 @@ class Engine:
         self.model, self.shift = model, shift_model(model)
         self.mode, self.threshold = check_mode(mode), threshold
         mesh, config = self.shift.mesh, self.shift.config
-        attn = self.shift.layers[0].self_attn
-        kv_heads, head_dim, dtype = attn.heads.kv_per_chunk, attn.heads.head_dim, attn._qkv.dtype
-        layers = len(self.shift.layers)
         rope = getattr(config, "rope_parameters", None) or {}
         self.max_context, self._context_why = config.max_position_embeddings, ""
         if rope.get("rope_type") == "longrope":  # past its original length a step's longest position would pick
@@ -130,14 +127,9 @@ class Engine:
             self._context_why = " (LongRoPE switches every request of a step to its long factors past this length)"
         # Dynamic-NTK and LongRoPE compare the positions with a length on the host: not capturable.
         graphs = mesh.device.type == "cuda" and rope.get("rope_type") not in ("dynamic", "longrope") if cuda_graphs is None else cuda_graphs
-        if num_blocks is None and mesh.device.type != "cuda":
-            num_blocks = CPU_DEFAULT_BLOCKS
-        elif num_blocks is None:
-            per_block = PagedKVCache.bytes_per_block(layers, block_size, kv_heads, head_dim, dtype)
-            rows = sum(b for b in GRAPH_BUCKETS if b <= max_graph_batch) if graphs else 0
-            num_blocks = kv_blocks(model, self.shift, per_block, memory_fraction, max_num_tokens, max_num_seqs, rows)
-        self.cache = PagedKVCache(layers, num_blocks, block_size, kv_heads, head_dim, dtype, mesh.device)
-        self.scheduler = Scheduler(BlockAllocator(num_blocks), block_size, max_num_tokens, max_num_seqs, max_prefill_tokens,
+        rows = sum(b for b in GRAPH_BUCKETS if b <= max_graph_batch) if graphs else 0
+        self.cache = kv_cache(model, self.shift, num_blocks, block_size, memory_fraction, max_num_tokens, max_num_seqs, rows)
+        self.scheduler = Scheduler(BlockAllocator(self.cache.num_blocks), block_size, max_num_tokens, max_num_seqs, max_prefill_tokens,
                                    enable_prefix_caching)
         self.runner = Runner(model, self.shift, self.cache, self.max_context, graphs, max_graph_batch)
         self.stop_ids = eos_ids(model)
@@ -235,11 +227,13 @@ class Engine:
 
     # -- the loop -----------------------------------------------------------------------------------------
     def step(self) -> list[tuple[int, int]]:
-        """Schedule and run one step in the mode its token count picks.
+        """Schedule and launch one step in the mode its token count picks, then read the tokens of the step before
+        it, which ran while this one was prepared (:mod:`shiftlib.engine.inflight`; with speculation, the tokens of
+        this step).
 
         Returns:
-            The ``(request id, token)`` pairs the step produced (empty for a step of prefill chunks only, or
-            when nothing is queued).
+            The ``(request id, token)`` pairs that the step read produced (empty for a step of prefill chunks only,
+            after the first step, or when nothing is queued). Step while :attr:`has_unfinished` to get them all.
 
         Raises:
             RuntimeError: a step failed before, on this rank or another (see :mod:`shiftlib.engine.failure`).
@@ -270,9 +264,8 @@ class Engine:
         return InFlight(plan, rows, tokens, Logprobs(logits, rows, tokens))
 
     def _resolve(self, step: InFlight, start: float) -> list[tuple[int, int]]:
-        tokens, logprobs = step.result(self.failure)
-        now, events = time.perf_counter(), []
-        verified, drafted, accepted = verify(step.rows, tokens, self.scheduler)
+        (tokens, logprobs), plan, events = step.result(self.failure), step.plan, []
+        now, (verified, drafted, accepted) = time.perf_counter(), verify(step.rows, tokens, self.scheduler)
         for seq, row, new in verified:
             seq.inflight -= 1
             if seq.status is Status.FINISHED:  # it stopped, or was aborted, while this step ran: drop the token
@@ -287,10 +280,9 @@ class Engine:
                     break
             if seq.params.logprobs is not None:
                 step.logprobs.record(seq, row, count, logprobs)
-        for seq, _ in step.plan.work:
+        for seq, _ in plan.work:
             if seq.status is not Status.FINISHED:
                 self.scheduler.offer(seq)
-        plan = step.plan
         stats = (plan.mode, plan.num_tokens, len(plan.work), len(verified), plan.preempted, now - start)
         self.stats.append(StepStats(*stats, drafted, accepted))
         return events

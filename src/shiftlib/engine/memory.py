@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import torch
 
+from shiftlib.cache import PagedKVCache
 from shiftlib.modules.model import ShiftModel
 from shiftlib.paged_attention import AttentionBatch
+
+CPU_DEFAULT_BLOCKS = 1024
 
 
 @torch.inference_mode()
@@ -44,3 +47,17 @@ def kv_blocks(model, shift: ShiftModel, per_block: int, fraction: float, max_num
                          f"GiB kept for activations and graphs): free GPU memory, lower max_num_tokens or raise "
                          f"memory_fraction")
     return blocks
+
+
+def kv_cache(model, shift: ShiftModel, num_blocks: int | None, block_size: int, fraction: float, max_num_tokens: int,
+             max_num_seqs: int, graph_rows: int) -> PagedKVCache:
+    """The engine's cache: ``num_blocks`` blocks per rank, or on GPU as many as :func:`kv_blocks` finds room for
+    (on CPU :data:`CPU_DEFAULT_BLOCKS`)."""
+    attn, device = shift.layers[0].self_attn, shift.mesh.device
+    shape = (len(shift.layers), block_size, attn.heads.kv_per_chunk, attn.heads.head_dim, attn._qkv.dtype)
+    if num_blocks is None and device.type != "cuda":
+        num_blocks = CPU_DEFAULT_BLOCKS
+    elif num_blocks is None:
+        per_block = PagedKVCache.bytes_per_block(*shape)
+        num_blocks = kv_blocks(model, shift, per_block, fraction, max_num_tokens, max_num_seqs, graph_rows)
+    return PagedKVCache(shape[0], num_blocks, *shape[1:], device)
