@@ -9,6 +9,7 @@ slot ``block_tables[b, j // block_size] * block_size + j % block_size``; a query
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from functools import cached_property
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +36,11 @@ class AttentionBatch:
     @property
     def num_tokens(self) -> int:
         return self.query_pos.shape[0]
+
+    @cached_property
+    def query_start_device(self) -> torch.Tensor:
+        """``query_start`` as an int32 device tensor for the prefill kernel: copied once per step, not per layer."""
+        return torch.tensor(self.query_start, dtype=torch.int32).to(self.query_pos.device, non_blocking=True)
 
     def padded(self, n: int, trash_slot: int = 0) -> AttentionBatch:
         """The same batch with ``n - num_tokens`` padding rows appended, as empty sequences of their own."""
@@ -86,20 +92,23 @@ def attend(
     Backends: decode rows (the step's leading sequences of one new token each; every row of a decode step) go
     through the Triton flash-decoding kernel on GPU, or its PyTorch twin on CPU, in one call driven by device
     tensors only, so a decode step can be captured in a CUDA graph. The other sequences of a mixed or prefill
-    step go one by one through SDPA: flash attention (``is_causal``) where a sequence's whole context is new, the
-    masked exact path otherwise. Without a cache the step's own K/V are the key store (``AttentionBatch.dense``).
+    step go, on GPU, through the Triton varlen prefill kernel in one call; on CPU (and on GPU for inputs that
+    kernel does not take) one by one through SDPA: flash attention (``is_causal``) where a sequence's whole
+    context is new, the masked exact path otherwise. Without a cache the step's own K/V are the key store
+    (``AttentionBatch.dense``).
     """
     if kv_cache is None:
         return _attend_by_sequence(q, k, v, k, v, batch, scale, window, first=0)
     k_store, v_store = kv_cache
     n = q.shape[0] if batch.decode else batch.num_decodes
+    rest = _prefill_backend(q, batch.block_size)
     if n == 0:
-        return _attend_by_sequence(q, k, v, k_store, v_store, batch, scale, window, first=0)
+        return rest(q, k, v, k_store, v_store, batch, scale, window, first=0)
     decode = paged_decode_op if q.is_cuda else decode_reference
     o = decode(q[:n], k_store, v_store, batch.block_tables[:n], batch.context_lens[:n], batch.block_size, scale, window)
     if n == q.shape[0]:
         return o
-    out = _attend_by_sequence(q, k, v, k_store, v_store, batch, scale, window, first=n)
+    out = rest(q, k, v, k_store, v_store, batch, scale, window, first=n)
     out[:n] = o
     return out
 
@@ -108,6 +117,34 @@ def paged_decode_op(*args) -> torch.Tensor:
     from shiftlib.triton_decode import paged_decode  # Triton is imported only where a GPU runs it
 
     return paged_decode(*args)
+
+
+def _prefill_backend(q: torch.Tensor, block_size: int):
+    """The Triton prefill kernel on GPU where it takes the inputs; else, CPU included, SDPA per sequence (exact:
+    the CPU tests hold float64 logits to Hugging Face's)."""
+    if q.is_cuda:
+        from shiftlib.triton_prefill import supports  # Triton is imported only where a GPU runs it
+
+        if supports(q, block_size):
+            return _attend_prefill_kernel
+    return _attend_by_sequence
+
+
+def _attend_prefill_kernel(
+    q, k, v, k_store, v_store, batch: AttentionBatch, scale: float, window: int | None, first: int
+) -> torch.Tensor:
+    """``_attend_by_sequence``'s contract in one Triton call. The kernel writes only the rows its sequences own,
+    so the rows before them and the padding after them are zeroed here."""
+    from shiftlib.triton_prefill import paged_prefill
+
+    qs = batch.query_start
+    out = paged_prefill(
+        q, k_store, v_store, batch.block_tables[first:], batch.query_start_device[first:], batch.context_lens[first:],
+        batch.query_pos, batch.block_size, scale, window,
+    )  # fmt: skip
+    out[: qs[first]].zero_()
+    out[qs[-1] :].zero_()
+    return out
 
 
 def decode_reference(q, k_cache, v_cache, block_tables, context_lens, block_size: int, scale: float, window: int | None) -> torch.Tensor:
