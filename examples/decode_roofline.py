@@ -4,8 +4,9 @@
 
 An 8B-shaped bf16 Llama with random weights at P = 1. Decode steps: every request has a 512-token prompt, the
 step time is the median over decode steps at a fixed batch (engine step wall time, and the GPU time of one
-graph replay). Rooflines: bytes a step must read (weights + the KV it attends over) / measured HBM bandwidth;
-prefill: FLOPs / measured bf16 matmul peak.
+replay of the graph the steps ran). Rooflines: decode, the weights' GEMMs at the slower of reading the weights
+(measured HBM bandwidth) and their FLOPs (measured bf16 matmul peak; it binds from batch ~200), plus reading
+the KV attended over; prefill, FLOPs / matmul peak.
 """
 
 from __future__ import annotations
@@ -59,7 +60,7 @@ def decode_steps(model, batch: int, graphs: bool, prompt: int, new: int) -> dict
     steps = [s.seconds for s in engine.stats if s.num_tokens == batch and s.num_sampled == batch][5:]
     out = {"batch": batch, "graphs": graphs, "step_ms_p50": 1e3 * statistics.median(steps), "steps": len(steps)}
     if graphs:  # GPU time of one replay, no host work
-        graph = next(v for k, v in engine.runner.graphs.items() if k[1] >= batch)
+        graph = max(engine.runner.graphs.values(), key=lambda g: g.replays)  # the one the steps ran, on their inputs
         graph.replay()
         torch.cuda.synchronize()
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -74,8 +75,8 @@ def decode_steps(model, batch: int, graphs: bool, prompt: int, new: int) -> dict
     return out
 
 
-def ttft(model, prompt: int) -> float:
-    engine = shiftlib.Engine(model, num_blocks=prompt // 16 + 4, max_num_tokens=prompt, cuda_graphs=False)
+def ttft(model, prompt: int, chunk: int) -> float:
+    engine = shiftlib.Engine(model, num_blocks=prompt // 16 + 4, max_num_tokens=chunk, cuda_graphs=False)
     times = []
     for _ in range(3):  # a new prompt each time: no prefix-cache hit
         ids = torch.randint(0, 128000, (prompt,)).tolist()
@@ -107,17 +108,19 @@ def main() -> None:
               "matmul_flops_per_s": peak, "weight_bytes_read_per_step": weight_bytes, "decode": [], "prefill": []}
     for b in [int(b) for b in args.batches.split(",") if b]:
         ctx = args.prompt + args.new // 2
-        roof = (weight_bytes + b * ctx * kv_per_token) / bw
+        # The weights' GEMMs are bound by reading them or, at large batch, by their FLOPs; attention reads the KV.
+        memory = (weight_bytes + b * ctx * kv_per_token) / bw
+        roof = max(weight_bytes / bw, 2 * params * b / peak) + b * ctx * kv_per_token / bw
         for graphs in (False, True):
             r = decode_steps(model, b, graphs, args.prompt, args.new)
-            r["roofline_ms"] = 1e3 * roof
+            r["roofline_ms"], r["memory_roofline_ms"] = 1e3 * roof, 1e3 * memory
             r["x_roofline"] = r["step_ms_p50"] / r["roofline_ms"]
             print(json.dumps(r), flush=True)
             result["decode"].append(r)
-    for n in (512, 8192):
-        t = ttft(model, n)
+    for n, chunk in ((512, 512), (8192, 8192), (32768, 32768), (32768, 4096)):  # 4096: the engine's default budget
+        t = ttft(model, n, chunk)
         flops = 2 * params * n + 2 * config.num_hidden_layers * config.num_attention_heads * config.head_dim * n * n
-        r = {"prompt": n, "ttft_ms": 1e3 * t, "matmul_peak_fraction": flops / t / peak}
+        r = {"prompt": n, "chunk": chunk, "ttft_ms": 1e3 * t, "matmul_peak_fraction": flops / t / peak}
         print(json.dumps(r), flush=True)
         result["prefill"].append(r)
     if args.profile:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from helpers import SHAPES, hf_greedy, parallel, prompts
@@ -42,6 +42,8 @@ def _shared_prefixes(tp, sp, block_size, num_blocks, shared, tails, threshold, b
     budget=st.integers(8, 64),
     shape=st.sampled_from(SHAPES[2]),
 )
+# A request preempted while a step is in flight: its blocks are offered before they are freed, so it restarts on them.
+@example(shared=6, tails=[7, 8, 12], block_size=4, spare=6, threshold=0, budget=45, shape=(1, 2))
 def test_prefix_hits_give_the_same_tokens_as_misses_and_leak_no_block(ranks, shared, tails, block_size, spare, threshold, budget, shape):
     # From one request's worth of blocks (preemption, eviction) to room for all; modes switch by the threshold.
     need = -(-(shared + max(tails) + NEW) // block_size)

@@ -100,7 +100,9 @@ if triton is not None:
         per = tl.cdiv(tl.cdiv(L - lo, num_splits), GRANULE) * GRANULE
         return L, lo, tl.maximum(per, GRANULE)
 
-    @triton.jit
+    # Eager mixed steps bring any batch and block-table width: no specialization on what changes from step to step
+    # (each new one is a compile of about a second in the middle of serving).
+    @triton.jit(do_not_specialize=["num_splits", "stride_btb"], do_not_specialize_on_alignment=["BT", "LENS"])
     def _split_kernel(
         Q, K, V, BT, LENS, OUT, ACC, MS, LS,
         qk_scale, window, num_splits,
@@ -181,7 +183,7 @@ if triton is not None:
             tl.store(LS + row, l_i, mask=live)
             tl.store(ACC + row[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=live[:, None] & d_mask[None, :])
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["num_splits"], do_not_specialize_on_alignment=["LENS"])
     def _merge_kernel(
         ACC, MS, LS, OUT, LENS,
         window, num_splits,

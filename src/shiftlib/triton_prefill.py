@@ -143,7 +143,10 @@ if triton is not None:
             m_i = m_new
         return acc, l_i, m_i
 
-    @triton.jit
+    # The arguments that change from step to step are not specialized on (divisibility by 16, alignment): each
+    # new specialization is a compile of about a second in the middle of serving.
+    @triton.jit(do_not_specialize=["window", "num_seqs", "stride_btb"],
+                do_not_specialize_on_alignment=["BT", "QS", "LENS", "QPOS"])
     def _prefill_kernel(
         Q, K, V, BT, QS, LENS, QPOS, OUT,
         qk_scale, window, num_seqs, group, bs_shift,

@@ -53,6 +53,7 @@ class Scheduler:
         return -(-(seq.num_cached + n) // self.block_size) - len(seq.blocks)
 
     def _preempt(self, seq: Sequence) -> None:
+        self.offer(seq)  # its recomputation starts from what is cached
         self.allocator.free(seq.blocks)
         seq.blocks, seq.keys, seq.num_cached, seq.status, seq.draft = [], [], 0, Status.WAITING, []
         self.running.remove(seq)
