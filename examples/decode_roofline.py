@@ -50,7 +50,8 @@ def matmul_peak() -> float:
 
 def decode_steps(model, batch: int, graphs: bool, prompt: int, new: int) -> dict:
     engine = shiftlib.Engine(model, num_blocks=(batch * (prompt + new) // 16) + batch * 2, max_num_seqs=batch,
-                             max_num_tokens=16384, max_prefill_tokens=16384, cuda_graphs=graphs, max_graph_batch=max(batch, 1))
+                             max_num_tokens=16384, max_prefill_tokens=16384, cuda_graphs=graphs,
+                             max_graph_batch=max(batch, 1))
     params = shiftlib.SamplingParams(max_new_tokens=new, ignore_eos=True)
     g = torch.Generator().manual_seed(batch)
     for _ in range(batch):

@@ -52,8 +52,8 @@ class PrefillConfig:
 def default_config(q: torch.Tensor) -> PrefillConfig:
     """Measured on an H200 (bf16, d = 128, 4 query heads per KV head): 128 rows x 32 keys, 4 warps, 3 stages came
     within 2.5 % of the best of the sweep in examples/bench_triton_prefill.py on each of its three steps, and
-    10-35 % ahead of 128 x 64 with 8 warps. Wider rows (fp32, d = 256) take smaller tiles, so that the staged K/V tiles and the Q tile still
-    fit in shared memory and the fp32 accumulator in registers."""
+    10-35 % ahead of 128 x 64 with 8 warps. Wider rows (fp32, d = 256) take smaller tiles, so that the staged K/V
+    tiles and the Q tile still fit in shared memory and the fp32 accumulator in registers."""
     row_bytes = q.element_size() * q.shape[-1]
     if row_bytes <= 256:
         return PrefillConfig()

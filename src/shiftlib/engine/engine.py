@@ -129,8 +129,8 @@ class Engine:
         graphs = mesh.device.type == "cuda" and rope.get("rope_type") not in ("dynamic", "longrope") if cuda_graphs is None else cuda_graphs
         rows = sum(b for b in GRAPH_BUCKETS if b <= max_graph_batch) if graphs else 0
         self.cache = kv_cache(model, self.shift, num_blocks, block_size, memory_fraction, max_num_tokens, max_num_seqs, rows)
-        self.scheduler = Scheduler(BlockAllocator(self.cache.num_blocks), block_size, max_num_tokens, max_num_seqs, max_prefill_tokens,
-                                   enable_prefix_caching)
+        self.scheduler = Scheduler(BlockAllocator(self.cache.num_blocks), block_size, max_num_tokens, max_num_seqs,
+                                   max_prefill_tokens, enable_prefix_caching)
         self.runner = Runner(model, self.shift, self.cache, self.max_context, graphs, max_graph_batch)
         self.stop_ids = eos_ids(model)
         self.speculator = speculator(speculative, num_speculative_tokens, speculative_max_batch)
@@ -206,12 +206,7 @@ class Engine:
         seq.finish_reason, seq.finish_time = reason, time.perf_counter()
         if self.speculator:
             self.speculator.finish(seq.id, seq.output)
-        if seq.status is Status.RUNNING:
-            self.scheduler.finish(seq)
-        else:
-            if seq in self.scheduler.waiting:
-                self.scheduler.waiting.remove(seq)
-            seq.status = Status.FINISHED
+        self.scheduler.finish(seq)
 
     def abort(self, rid: int) -> None:
         """Stop a request now (its client went away), freeing its cache blocks; finished ones are left as they are."""
@@ -227,13 +222,12 @@ class Engine:
 
     # -- the loop -----------------------------------------------------------------------------------------
     def step(self) -> list[tuple[int, int]]:
-        """Schedule and launch one step in the mode its token count picks, then read the tokens of the step before
-        it, which ran while this one was prepared (:mod:`shiftlib.engine.inflight`; with speculation, the tokens of
-        this step).
+        """Launch one step in the mode its token count picks, then read the tokens of the step before, which ran
+        while this one was prepared (:mod:`shiftlib.engine.inflight`); with speculation, this step's own.
 
         Returns:
-            The ``(request id, token)`` pairs that the step read produced (empty for a step of prefill chunks only,
-            after the first step, or when nothing is queued). Step while :attr:`has_unfinished` to get them all.
+            The ``(request id, token)`` pairs read (none for prefill chunks alone, for the first step, or with
+            nothing queued). Step while :attr:`has_unfinished` to get them all.
 
         Raises:
             RuntimeError: a step failed before, on this rank or another (see :mod:`shiftlib.engine.failure`).
@@ -251,15 +245,13 @@ class Engine:
             self.speculator.draft(self.scheduler.running, self.max_context, self.runner.graph_rows)
         plan = self.scheduler.schedule(self.pick_mode)
         launched = self._launch(plan) if plan.work else None
-        # Read the step before this one while this one runs (:mod:`shiftlib.engine.inflight`); drafts need the
-        # tokens at once, to draft the next step from.
+        # Read the step before this one while this one runs; drafting the next step needs this one's tokens.
         done, self._inflight = (launched, None) if self.speculator else (self._inflight, launched)
         return self._resolve(done, start) if done else []
 
     def _launch(self, plan: StepPlan) -> InFlight:
         logits, rows = self.runner.run(plan, self._inflight and self._inflight.tokens)  # k + 1 rows for k drafts
-        allowed = ban_stops(logits, rows, self.stop_ids)  # no EOS or stop token before min_tokens
-        tokens = sample(allowed, [s.params for s in rows], [s.generator for s in rows])
+        tokens = sample(ban_stops(logits, rows, self.stop_ids), [s.params for s in rows], [s.generator for s in rows])
         self.scheduler.advance(plan)
         return InFlight(plan, rows, tokens, Logprobs(logits, rows, tokens))
 
@@ -280,9 +272,7 @@ class Engine:
                     break
             if seq.params.logprobs is not None:
                 step.logprobs.record(seq, row, count, logprobs)
-        for seq, _ in plan.work:
-            if seq.status is not Status.FINISHED:
-                self.scheduler.offer(seq)
+        self.scheduler.offer(*(seq for seq, _ in plan.work))
         stats = (plan.mode, plan.num_tokens, len(plan.work), len(verified), plan.preempted, now - start)
         self.stats.append(StepStats(*stats, drafted, accepted))
         return events

@@ -43,7 +43,8 @@ class Runner:
             self.pool = torch.cuda.graph_pool_handle() if self.device.type == "cuda" else None
             self.widths = {b: self._split_widths(b) for b in self.buckets}
 
-    def inputs(self, plan: StepPlan, previous: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, AttentionBatch, torch.Tensor, list[Sequence]]:
+    def inputs(self, plan: StepPlan, previous: torch.Tensor | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor, AttentionBatch, torch.Tensor, list[Sequence]]:
         """Host-side lists for the whole step, moved to the device in one transfer from pinned memory.
 
         A request with a draft of k tokens runs them after its pending token as k + 1 decode rows of their own

@@ -114,10 +114,11 @@ class Scheduler:
         for seq, n in plan.work:
             seq.num_cached += n - len(seq.draft)
 
-    def offer(self, seq: Sequence) -> None:
-        """Its newly full blocks may serve later requests, now that their tokens are known."""
-        if self.prefix_caching:
-            prefix_cache.offer(self.allocator, seq, self.block_size)
+    def offer(self, *seqs: Sequence) -> None:
+        """Their newly full blocks may serve later requests, now that their tokens are known."""
+        for seq in seqs:
+            if self.prefix_caching and seq.status is not Status.FINISHED:
+                prefix_cache.offer(self.allocator, seq, self.block_size)
 
     def rollback(self, seq: Sequence, accepted: int) -> None:
         """A verified draft: its first ``accepted`` tokens are cached; free the blocks its rejected ones took."""
@@ -127,7 +128,12 @@ class Scheduler:
         del seq.blocks[keep:]
 
     def finish(self, seq: Sequence) -> None:
-        self.offer(seq)
-        self.allocator.free(seq.blocks)
-        seq.blocks, seq.status = [], Status.FINISHED
-        self.running.remove(seq)
+        """It is done (or aborted), running or still waiting: its blocks are free, the cached ones kept for reuse."""
+        if seq.status is Status.RUNNING:
+            self.offer(seq)
+            self.allocator.free(seq.blocks)
+            seq.blocks = []
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        seq.status = Status.FINISHED

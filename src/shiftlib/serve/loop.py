@@ -216,7 +216,8 @@ class Lockstep:
             seq = requests[rid]
             finished = seq.status is Status.FINISHED
             if self.frontend is not None:
-                logprobs = seq.logprobs[-len(tokens):] if seq.params.logprobs is not None else None  # output[i]'s is logprobs[i]
+                # logprobs[i] is output[i]'s
+                logprobs = seq.logprobs[-len(tokens):] if seq.params.logprobs is not None else None
                 outputs.append((self.uid_of[rid], tokens, logprobs, seq.finish_reason if finished else None))
             if finished:
                 del requests[rid], self.rid_of[self.uid_of.pop(rid)]
