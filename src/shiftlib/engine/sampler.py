@@ -61,9 +61,10 @@ def filter_logits(x: torch.Tensor, top_k: list[int], top_p: list[float]) -> torc
     """Set to -inf, per row of ``x`` (R, V), the logits outside its top-k and then outside its nucleus.
 
     The nucleus is the smallest set of most likely tokens (after top-k) whose probability reaches ``top_p``;
-    tokens tied with the last one kept are kept too. No full sort for top-k rows (one batched ``topk`` of the
-    largest k); top-p alone takes its cut from the best ``TOP_P_CANDIDATES`` tokens, and sorts the whole
-    vocabulary only for the rows whose candidates hold less than ``top_p`` of the mass.
+    tokens tied with the last one kept are kept too. No sort and no sync with the host (the engine launches the
+    next step before this one's tokens are read): top-k rows take one batched ``topk`` of the largest k; top-p
+    alone takes its cut from the best ``TOP_P_CANDIDATES`` tokens, or, in rows whose candidates hold less than
+    ``top_p`` of the mass, from :func:`_nucleus_cut` over the whole vocabulary.
     """
     V, dev = x.shape[-1], x.device
     k = torch.tensor([kk if 0 < kk < V else V for kk in top_k], device=dev)
@@ -72,9 +73,23 @@ def filter_logits(x: torch.Tensor, top_k: list[int], top_p: list[float]) -> torc
     if max(widths) == 0:
         return x
     cut, short = _cut(x, x.topk(min(max(widths), V), -1).values, k, p)
-    if max(widths) < V and bool(short.any()):  # flat rows: their nucleus reaches past the candidates
-        cut[short] = _cut(x[short], x[short].sort(-1, descending=True).values, k[short], p[short])[0]
+    if max(widths) < V:  # flat rows: their nucleus reaches past the candidates
+        cut = torch.where(short, _nucleus_cut(x, p), cut)
     return x.masked_fill(x < cut[:, None], float("-inf"))
+
+
+def _nucleus_cut(x: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """The smallest logit each row's nucleus keeps, without a sort: the nucleus keeps the probabilities ``>= v`` for
+    the largest ``v`` of the row whose tokens at or above it hold ``p`` of the mass. Non-negative floats order
+    like their bit patterns, so bisecting on the bits finds that ``v`` exactly, in one pass per bit."""
+    probs = x.softmax(-1)
+    bits = probs.view({2: torch.int16, 4: torch.int32, 8: torch.int64}[probs.element_size()])
+    lo, hi = torch.zeros_like(bits[:, 0]), bits.amax(-1) + 1  # mass at or above: lo's reaches p, hi's does not
+    for _ in range(8 * probs.element_size() - 1):
+        mid = lo + (hi - lo) // 2
+        enough = torch.where(bits >= mid[:, None], probs, 0).sum(-1) >= p
+        lo, hi = torch.where(enough, mid, lo), torch.where(enough, hi, mid)
+    return x.masked_fill(bits < lo[:, None], float("inf")).amin(-1)
 
 
 def _cut(x, vals, k, p) -> tuple[torch.Tensor, torch.Tensor]:
