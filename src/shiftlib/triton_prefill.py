@@ -26,15 +26,9 @@ from dataclasses import dataclass
 
 import torch
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # CPU-only installs (CI): the module stays importable, paged_prefill raises.
-    triton = None
-    tl = None
+# The decode kernel's guarded Triton import (``None`` on CPU-only installs: paged_prefill raises) and constants.
+from shiftlib.triton_decode import _LOG2E, _NO_WINDOW, _pow2, tl, triton
 
-_LOG2E = 1.4426950408889634
-_NO_WINDOW = 1 << 30  # larger than any context: the window bound then never cuts
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 HEAD_DIMS = (16, 32, 64, 128, 256)  # powers of two: the head dimension needs no mask
 
@@ -71,10 +65,6 @@ def supports(q: torch.Tensor, block_size: int) -> bool:
         and block_size > 0
         and block_size & (block_size - 1) == 0
     )
-
-
-def _pow2(n: int) -> int:
-    return 1 << (n - 1).bit_length()
 
 
 if triton is not None:
