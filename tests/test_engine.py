@@ -386,15 +386,19 @@ def test_rescaling_ropes_give_each_request_its_own_tokens_or_refuse_it(ranks, ki
 
 
 def _static_decode(tp: int, sp: int) -> bool:
-    """The CUDA-graph path (static buffers, batch buckets with padding rows, wide block tables), run uncaptured
-    on CPU, with the graphs that start-up captures."""
+    """The CUDA-graph path (static buffers, buckets with padding rows, wide block tables, mixed steps over fixed
+    sequence slots), run uncaptured on CPU, with the graphs that start-up captures."""
     ps = prompts(LENGTHS)
     model = parallel("qwen2", tp, sp)
-    engine = Engine(model, num_blocks=32, block_size=4, cuda_graphs=True, threshold=2)
-    captured = set(engine.runner.graphs)
+    engine = Engine(model, num_blocks=32, block_size=4, cuda_graphs=True, threshold=2, max_num_seqs=4,
+                    max_num_tokens=24, max_prefill_tokens=8, mixed_graph_tokens=12)
+    captured = set(engine.runner.graphs), set(engine.runner.mixed)
     got = engine.generate(ps, [SamplingParams(max_new_tokens=NEW - 3 * i) for i in range(len(ps))])
-    assert set(engine.runner.graphs) == captured  # every graph a decode step used was captured at start-up
+    assert (set(engine.runner.graphs), set(engine.runner.mixed)) == captured  # start-up captured every graph used
     assert {key[0] for key, g in engine.runner.graphs.items() if g.replays} == {"tp", "sp"}  # 3 decodes run SP, then TP
+    mixed = [s.num_tokens for s in engine.stats if s.num_tokens != s.num_seqs]
+    assert engine.runner.mixed_buckets == [16] and max(mixed) > 16  # larger prefill steps run eagerly
+    assert sum(g.replays for g in engine.runner.mixed.values()) == sum(n <= 16 for n in mixed) > 0
     return got == [hf_greedy("qwen2", p, NEW)[: NEW - 3 * i] for i, p in enumerate(ps)]
 
 

@@ -176,3 +176,52 @@ def test_attend_routes_prefill_through_the_kernel(window: int | None):
     ref = reference(q, kc, vc, bt, starts, lens, qpos, 16, 0.1, window)
     check(out[: starts[-1]], ref[: starts[-1]], torch.bfloat16)
     assert (out[starts[-1] :] == 0).all()
+
+
+def test_fixed_shape_mixed_step_replays_in_a_cuda_graph():
+    """The mixed-step graph's attention: captured once over fixed sequence slots, replayed for two different mixes
+    of decodes and chunks (decode lengths and query offsets change in place); each matches the reference."""
+    slots, rows, width = 8, 512, 80
+    static = dict(
+        q=torch.zeros(rows, 8, 128, dtype=torch.bfloat16, device=DEVICE),
+        qpos=torch.zeros(rows, dtype=torch.long, device=DEVICE),
+        bt=torch.zeros(slots, width, dtype=torch.int32, device=DEVICE),
+        lens=torch.zeros(slots, dtype=torch.int32, device=DEVICE),
+        decode_lens=torch.zeros(slots, dtype=torch.int32, device=DEVICE),
+        prefill_start=torch.zeros(slots + 1, dtype=torch.int32, device=DEVICE),
+    )
+    mixes = [[(40, 1), (999, 1), (0, 90), (200, 17), (64, 64)], [(7, 1), (0, 300), (1000, 1), (16, 16)]]
+    cases = [make_case(m, 2, 4, 128, 16, torch.bfloat16, seed=7 + i) for i, m in enumerate(mixes)]
+    kc, vc = (torch.full((max(c[1].shape[0] for c in cases),) + cases[0][1].shape[1:], float("nan"),
+                         dtype=torch.bfloat16, device=DEVICE) for _ in range(2))
+    batch = AttentionBatch(
+        query_pos=static["qpos"], write_slots=static["qpos"], block_tables=static["bt"], block_size=16,
+        context_lens=static["lens"], query_start=[], context_lens_host=[], decode_lens=static["decode_lens"],
+        prefill_start=static["prefill_start"],
+    )  # fmt: skip
+
+    def step():
+        return attend(static["q"], static["q"], static["q"], batch, (kc, vc), 0.1, None)
+
+    def fill(case, mix):
+        q, k_cache, v_cache, bt, qpos, starts, lens = case
+        kc[: k_cache.shape[0]], vc[: v_cache.shape[0]] = k_cache, v_cache
+        nd, b = next(i for i, c in enumerate(mix + [(0, 0)]) if c[1] != 1), len(mix)  # leading decodes
+        static["q"].zero_()[: q.shape[0]] = q
+        static["qpos"].zero_()[: q.shape[0]] = qpos
+        static["bt"].zero_()[:b, : bt.shape[1]] = bt
+        static["lens"].zero_()[:b] = torch.tensor(lens, dtype=torch.int32)
+        static["decode_lens"].zero_()[:nd] = static["lens"][:nd]
+        offsets = [starts[nd]] * (nd + 1) + starts[nd + 1 :] + [starts[-1]] * (slots - b)
+        static["prefill_start"].copy_(torch.tensor(offsets, dtype=torch.int32))
+
+    fill(cases[0], mixes[0])
+    step()  # compiles outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = step()
+    for case, mix in zip(cases, mixes):
+        fill(case, mix)
+        graph.replay()
+        q, k_cache, v_cache, bt, qpos, starts, lens = case
+        check(out[: starts[-1]], reference(q, k_cache, v_cache, bt, starts, lens, qpos, 16, 0.1, None), torch.bfloat16)

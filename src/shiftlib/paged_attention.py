@@ -32,6 +32,11 @@ class AttentionBatch:
     context_lens_host: list[int]
     decode: bool = False  # row i is the single new token of sequence i (the CUDA-graph case)
     num_decodes: int = 0  # leading sequences with one new token each: rows [0, num_decodes) in a mixed step
+    # A mixed step of fixed shapes (a CUDA graph's; the host lists are then unused): the context length of each
+    # leading decode row, 0 for the others (D,), and the prefill kernel's query offsets, with no rows for the
+    # decodes (B + 1,). Sequences past the step's are empty.
+    decode_lens: torch.Tensor | None = None
+    prefill_start: torch.Tensor | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -94,12 +99,15 @@ def attend(
     tensors only, so a decode step can be captured in a CUDA graph. The other sequences of a mixed or prefill
     step go, on GPU, through the Triton varlen prefill kernel in one call; on CPU (and on GPU for inputs that
     kernel does not take) one by one through SDPA: flash attention (``is_causal``) where a sequence's whole
-    context is new, the masked exact path otherwise. Without a cache the step's own K/V are the key store
+    context is new, the masked exact path otherwise. A mixed step of fixed shapes runs both kernels over every
+    sequence slot (``_attend_fixed``). Without a cache the step's own K/V are the key store
     (``AttentionBatch.dense``).
     """
     if kv_cache is None:
         return _attend_by_sequence(q, k, v, k, v, batch, scale, window, first=0)
     k_store, v_store = kv_cache
+    if batch.decode_lens is not None:
+        return _attend_fixed(q, k_store, v_store, batch, scale, window)
     n = q.shape[0] if batch.decode else batch.num_decodes
     rest = _prefill_backend(q, batch.block_size)
     if n == 0:
@@ -145,6 +153,43 @@ def _attend_prefill_kernel(
     out[: qs[first]].zero_()
     out[qs[-1] :].zero_()
     return out
+
+
+def _attend_fixed(q, k_store, v_store, batch: AttentionBatch, scale: float, window: int | None) -> torch.Tensor:
+    """A mixed step whose launches depend on shapes alone: the decode kernel over the first D rows (those past the
+    step's decodes have no context) and the prefill kernel over the rest; rows of neither are padding."""
+    decode, prefill = (paged_decode_op, paged_prefill_op) if q.is_cuda else (decode_reference, prefill_reference)
+    d, bs = batch.decode_lens.shape[0], batch.block_size
+    o = decode(q[:d], k_store, v_store, batch.block_tables[:d], batch.decode_lens, bs, scale, window)
+    out = prefill(q, k_store, v_store, batch.block_tables, batch.prefill_start, batch.context_lens, batch.query_pos,
+                  bs, scale, window)  # fmt: skip
+    out[:d] = torch.where(batch.decode_lens[:, None, None] > 0, o, out[:d])
+    return out
+
+
+def paged_prefill_op(*args) -> torch.Tensor:
+    from shiftlib.triton_prefill import paged_prefill
+
+    return paged_prefill(*args)
+
+
+def prefill_reference(q, k_cache, v_cache, block_tables, query_start, context_lens, query_pos, block_size: int,
+                      scale: float, window: int | None) -> torch.Tensor:
+    """The prefill kernel's contract in plain PyTorch, from device tensors only; rows outside
+    ``query_start[0]:query_start[-1]`` get zeros."""
+    rows = torch.arange(q.shape[0], device=q.device)
+    seq = (torch.searchsorted(query_start, rows.to(query_start.dtype), right=True) - 1).clamp(0, len(context_lens) - 1)
+    keys = torch.arange(block_tables.shape[1] * block_size, device=q.device)
+    slots = block_tables[seq][:, keys // block_size].long() * block_size + keys % block_size  # (N, L)
+    pos, owned = query_pos[:, None], (rows >= query_start[0]) & (rows < query_start[-1])
+    mask = (keys <= pos) & (keys < context_lens[seq, None]) & owned[:, None]
+    if window is not None:
+        mask &= keys > pos - window
+    o = F.scaled_dot_product_attention(
+        q[:, :, None], k_cache[slots].transpose(1, 2), v_cache[slots].transpose(1, 2),
+        attn_mask=mask[:, None, None], scale=scale, enable_gqa=True,
+    )[:, :, 0]  # fmt: skip
+    return torch.where(mask.any(1)[:, None, None], o, 0)
 
 
 def decode_reference(q, k_cache, v_cache, block_tables, context_lens, block_size: int, scale: float, window: int | None) -> torch.Tensor:

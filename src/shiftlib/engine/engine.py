@@ -80,6 +80,8 @@ class Engine:
         cuda_graphs: replay decode steps as CUDA graphs, one per mode and batch bucket, captured here; default on
             GPU. On CPU, ``True`` runs the graphs' static-buffer path without capture (for tests).
         max_graph_batch: the largest decode batch that gets a graph; larger ones run eagerly.
+        mixed_graph_tokens: mixed and prefill steps of up to this many tokens replay graphs too (default 0: none;
+            on one H200 at P = 1 those steps are power-bound, and their graphs were 2-4 % slower than eager).
         enable_prefix_caching: reuse the cached K/V of full blocks that a request's prefix shares with earlier
             requests (:mod:`shiftlib.engine.prefix_cache`); the tokens are the same either way.
         speculative: ``"suffix"`` drafts tokens from the prompt and earlier responses (SuffixDecoding) and
@@ -112,6 +114,7 @@ class Engine:
         memory_fraction: float = 0.9,
         cuda_graphs: bool | None = None,
         max_graph_batch: int = 256,
+        mixed_graph_tokens: int = 0,
         enable_prefix_caching: bool = True,
         speculative: str | None = None,
         num_speculative_tokens: int = 16,
@@ -127,11 +130,13 @@ class Engine:
             self._context_why = " (LongRoPE switches every request of a step to its long factors past this length)"
         # Dynamic-NTK and LongRoPE compare the positions with a length on the host: not capturable.
         graphs = mesh.device.type == "cuda" and rope.get("rope_type") not in ("dynamic", "longrope") if cuda_graphs is None else cuda_graphs
-        rows = sum(b for b in GRAPH_BUCKETS if b <= max_graph_batch) if graphs else 0
-        self.cache = kv_cache(model, self.shift, num_blocks, block_size, memory_fraction, max_num_tokens, max_num_seqs, rows)
+        rows = sum(b for b in GRAPH_BUCKETS if b <= max_graph_batch) + (max_num_seqs if mixed_graph_tokens else 0)
+        self.cache = kv_cache(model, self.shift, num_blocks, block_size, memory_fraction, max_num_tokens, max_num_seqs,
+                              rows if graphs else 0)
         self.scheduler = Scheduler(BlockAllocator(self.cache.num_blocks), block_size, max_num_tokens, max_num_seqs,
                                    max_prefill_tokens, enable_prefix_caching)
-        self.runner = Runner(model, self.shift, self.cache, self.max_context, graphs, max_graph_batch)
+        self.runner = Runner(model, self.shift, self.cache, self.max_context, graphs, max_graph_batch,
+                             min(mixed_graph_tokens, max_num_tokens), max_num_seqs)
         self.stop_ids = eos_ids(model)
         self.speculator = speculator(speculative, num_speculative_tokens, speculative_max_batch)
         self.stats: deque[StepStats] = deque(maxlen=STATS_KEPT)
@@ -162,7 +167,9 @@ class Engine:
         return self._queue(self._checked(prompt, params), params)
 
     def _checked(self, prompt: list[int] | str, params: SamplingParams) -> list[int]:
-        prompt = self._encode(prompt)
+        if isinstance(prompt, str) and getattr(self.model, "tokenizer", None) is None:
+            raise ValueError("string prompts need a tokenizer: load with shiftlib.from_pretrained, or pass token ids")
+        prompt = self.model.tokenizer.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
         vocab = self.shift.config.vocab_size
         if not prompt:
             raise ValueError("empty prompt: a request needs at least one token")
@@ -183,8 +190,7 @@ class Engine:
         return prompt
 
     def _queue(self, prompt: list[int], params: SamplingParams) -> int:
-        rid = self._next_id
-        self._next_id += 1
+        rid, self._next_id = self._next_id, self._next_id + 1
         seed = params.seed if params.seed is not None else self._base_seed + rid
         gen = torch.Generator().manual_seed(seed) if params.temperature > 0 else None  # CPU: draws never sync
         seq = Sequence(rid, prompt, params, gen)
@@ -193,14 +199,6 @@ class Engine:
         if params.max_new_tokens == 0:
             self._finish(seq, "length")
         return rid
-
-    def _encode(self, prompt: list[int] | str) -> list[int]:
-        if isinstance(prompt, str):
-            tok = getattr(self.model, "tokenizer", None)
-            if tok is None:
-                raise ValueError("string prompts need a tokenizer: load with shiftlib.from_pretrained, or pass token ids")
-            return tok.encode(prompt)
-        return [int(t) for t in prompt]
 
     def _finish(self, seq: Sequence, reason: str) -> None:
         seq.finish_reason, seq.finish_time = reason, time.perf_counter()
@@ -322,6 +320,5 @@ class Engine:
             raise ValueError(f"{len(prompts)} prompts but {len(params)} SamplingParams: give one, or one per prompt")
         checked = [self._checked(p, sp) for p, sp in zip(prompts, params)]
         ids = [self._queue(p, sp) for p, sp in zip(checked, params)]
-        for _ in self.stream():
-            pass
+        deque(self.stream(), maxlen=0)  # run to the end
         return [self.requests.pop(i).output for i in ids]

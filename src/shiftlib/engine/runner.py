@@ -1,13 +1,19 @@
 """Turns a step plan into tensors, runs the model in the step's mode, and returns logits of sampled rows.
 
-Decode steps on GPU replay CUDA graphs, one per (mode, batch bucket, block-table width), captured before serving
-starts (:meth:`Runner.capture`): inputs are copied into static buffers, padding rows write to the cache's trash
-slot and attend to nothing, and SP-mode buckets are multiples of ``sp`` so no step pads again inside the graph. Prefill and mixed steps run eagerly (their shapes
-vary, and their GEMMs are large enough that launch overhead does not matter). On CPU the same static path runs
-without capture when asked for, which is how the tests check the graphs' padding and buffers.
+On GPU every step up to a size replays a CUDA graph captured before serving starts (:meth:`Runner.capture`):
+inputs are copied into static buffers, and padding rows write to the cache's trash slot and attend to nothing.
+Decode steps have graphs per (mode, batch bucket, block-table width); mixed and prefill steps per (mode, token
+bucket), in which the decode kernel takes the step's decodes and the varlen prefill kernel the other
+sequences, both over a fixed number of sequences (:func:`shiftlib.paged_attention.attend`). Eagerly, a mixed
+step of 2,300 tokens took ~10 ms longer on the host to launch than the GPU took to run it. SP-mode buckets are
+multiples of ``sp``, so no step pads again inside a graph. Larger steps (long prefills) run eagerly: their
+GEMMs hide the launches. On CPU the same static path runs without capture when asked for, which is how the
+tests check the graphs' padding and buffers.
 """
 
 from __future__ import annotations
+
+from bisect import bisect_left
 
 import numpy as np
 import torch
@@ -19,26 +25,39 @@ from shiftlib.modules.model import ShiftModel
 from shiftlib.paged_attention import AttentionBatch
 
 GRAPH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256, 320, 384, 448, 512)
+MIXED_STEP = 128  # token buckets of mixed-step graphs: multiples of this (and 16, 32, 64 below it)
 
 
 class Runner:
-    def __init__(self, model, shift: ShiftModel, cache: PagedKVCache, max_context: int, cuda_graphs: bool, max_graph_batch: int) -> None:
+    def __init__(self, model, shift: ShiftModel, cache: PagedKVCache, max_context: int, cuda_graphs: bool,
+                 max_graph_batch: int, max_mixed_tokens: int = 0, max_num_seqs: int = 0) -> None:
         self.model, self.shift, self.cache = model, shift, cache
         self.device = shift.mesh.device
         self.graphs: dict[tuple[str, int, int], _Graph] = {}  # by (mode, batch bucket, block-table width)
+        self.mixed: dict[tuple[str, int], _Graph] = {}  # by (mode, token bucket)
         self.use_graphs, self.graph_rows = cuda_graphs, None  # graph_rows: the largest step that replays a graph
         if self.use_graphs:
+            sp = shift.mesh.sp
             n = max(b for b in GRAPH_BUCKETS if b <= max(max_graph_batch, 1))
-            self.buckets = sorted({-(-b // shift.mesh.sp) * shift.mesh.sp for b in GRAPH_BUCKETS if b <= n} | {b for b in GRAPH_BUCKETS if b <= n})
+            self.buckets = sorted({-(-b // sp) * sp for b in GRAPH_BUCKETS if b <= n} | {b for b in GRAPH_BUCKETS if b <= n})
             self.graph_rows = self.buckets[-1]
+            self.mixed_seqs = max_num_seqs if max_mixed_tokens and _fixed_shapes_supported(shift, cache) else 0
+            steps = (16, 32, 64, *range(MIXED_STEP, max_mixed_tokens + MIXED_STEP, MIXED_STEP)) * bool(self.mixed_seqs)
+            self.mixed_buckets = sorted({-(-b // sp) * sp for b in steps[: bisect_left(steps, max_mixed_tokens) + 1]})
+            rows, seqs = max([self.graph_rows, *self.mixed_buckets]), max(self.graph_rows, self.mixed_seqs)
             width = -(-min(max_context, cache.capacity_tokens) // cache.block_size)
-            long = dict(dtype=torch.long, device=self.device)
+            long, int32 = dict(dtype=torch.long, device=self.device), dict(dtype=torch.int32, device=self.device)
             self.static = dict(
-                tokens=torch.zeros(self.buckets[-1], **long),
-                positions=torch.zeros(self.buckets[-1], **long),
-                write_slots=torch.full((self.buckets[-1],), cache.trash_slot, **long),
-                block_tables=torch.zeros(self.buckets[-1], width, dtype=torch.int32, device=self.device),
-                context_lens=torch.zeros(self.buckets[-1], dtype=torch.int32, device=self.device),
+                tokens=torch.zeros(rows, **long),
+                positions=torch.zeros(rows, **long),
+                write_slots=torch.full((rows,), cache.trash_slot, **long),
+                block_tables=torch.zeros(seqs, width, **int32),
+                context_lens=torch.zeros(seqs, **int32),
+                decode_lens=torch.zeros(self.mixed_seqs, **int32),
+                prefill_start=torch.zeros(self.mixed_seqs + 1, **int32),
+                sampled=torch.zeros(self.mixed_seqs, **long),
+                logits=torch.empty(self.mixed_seqs, model.config.vocab_size, dtype=shift.norm._w.dtype,
+                                   device=self.device),
             )
             self.pool = torch.cuda.graph_pool_handle() if self.device.type == "cuda" else None
             self.widths = {b: self._split_widths(b) for b in self.buckets}
@@ -118,14 +137,22 @@ class Runner:
         return [w for w, next_w in zip(splits, list(splits)[1:] + [None]) if next_w is None or splits[next_w] != splits[w]]
 
     def capture(self, pick_mode) -> None:
-        """Capture, before serving, every graph that a decode batch picks with ``pick_mode``, so no step waits
-        for one (a later mode or threshold change captures what it lacks on first use)."""
-        keys = set()
+        """Capture, before serving, every graph that a step picks with ``pick_mode``, so no step waits for one (a
+        later mode or threshold change captures what it lacks on first use). Largest first: the smaller graphs
+        reuse the larger ones' memory in the shared pool."""
+        keys, mixed = set(), set()
         for n in range(1, self.buckets[-1] + 1):
             mode, bucket, _ = self._key(pick_mode(n), n, 1)
             keys |= {(mode, bucket, w) for w in self.widths[bucket]}
-        for key in sorted(keys):
+        for n in range(2, (self.mixed_buckets or [0])[-1] + 1):
+            mixed.add(self._mixed_key(pick_mode(n), n))
+        for key in sorted(mixed, key=lambda k: -k[1]):
+            self.mixed[key] = self._capture_mixed(*key)
+        for key in sorted(keys, key=lambda k: (-k[1], k)):
             self.graphs[key] = self._capture(*key)
+
+    def _mixed_key(self, mode: str, n: int) -> tuple[str, int]:
+        return mode, next(b for b in self.mixed_buckets if b >= n and (mode == "tp" or b % self.shift.mesh.sp == 0))
 
     @torch.inference_mode()
     def run(self, plan: StepPlan, previous: torch.Tensor | None = None) -> tuple[torch.Tensor, list[Sequence]]:
@@ -136,20 +163,44 @@ class Runner:
         if self.use_graphs and batch.decode and n <= self.buckets[-1]:
             key = self._key(plan.mode, n, batch.block_tables.shape[1])
             return self._replay(key, tokens, batch)[:n], sampled
+        fits = self.use_graphs and n <= (self.mixed_buckets or [0])[-1]
+        if fits and len(batch.context_lens_host) <= self.mixed_seqs:
+            return self._replay_mixed(self._mixed_key(plan.mode, n), tokens, batch, rows)[: len(sampled)], sampled
         return self._forward(tokens, positions, batch, plan.mode, rows), sampled
 
-    def _replay(self, key: tuple[str, int, int], tokens: torch.Tensor, batch: AttentionBatch) -> torch.Tensor:
-        n, s, bucket = tokens.shape[0], self.static, key[1]
+    def _fill(self, bucket: int, tokens: torch.Tensor, batch: AttentionBatch) -> None:
+        """The step's rows into the static buffers; the rows up to ``bucket`` are padding."""
+        n, s = tokens.shape[0], self.static
         s["tokens"][:n].copy_(tokens)
         s["positions"][:n].copy_(batch.query_pos)
         s["write_slots"][:n].copy_(batch.write_slots)
         s["write_slots"][n:bucket].fill_(self.cache.trash_slot)
-        s["context_lens"][:n].copy_(batch.context_lens)
-        s["context_lens"][n:bucket].zero_()
-        s["block_tables"][:n, : batch.block_tables.shape[1]].copy_(batch.block_tables)
+        b, width = batch.block_tables.shape
+        s["context_lens"][:b].copy_(batch.context_lens)
+        s["block_tables"][:b, :width].copy_(batch.block_tables)
+
+    def _replay(self, key: tuple[str, int, int], tokens: torch.Tensor, batch: AttentionBatch) -> torch.Tensor:
+        self._fill(key[1], tokens, batch)
+        self.static["context_lens"][tokens.shape[0] : key[1]].zero_()
         if key not in self.graphs:
             self.graphs[key] = self._capture(*key)
         return self.graphs[key].replay()
+
+    def _replay_mixed(self, key: tuple[str, int], tokens: torch.Tensor, batch: AttentionBatch, rows: torch.Tensor
+                      ) -> torch.Tensor:
+        """Sequences past the step's are empty; the decode lengths are those of the step's leading decodes, and
+        the prefill kernel's query offsets give those decodes no rows."""
+        s, b, nd = self.static, len(batch.context_lens_host), batch.num_decodes
+        self._fill(key[1], tokens, batch)
+        s["context_lens"][b : self.mixed_seqs].zero_()
+        index = torch.arange(self.mixed_seqs + 1, device=self.device)
+        s["prefill_start"].copy_(batch.query_start_device[index.clamp(nd, b)])
+        s["decode_lens"].copy_(torch.where(index[:-1] < nd, s["context_lens"][: self.mixed_seqs], 0))
+        s["sampled"][: rows.shape[0]].copy_(rows)
+        s["sampled"][rows.shape[0] :].zero_()
+        if key not in self.mixed:
+            self.mixed[key] = self._capture_mixed(*key)
+        return self.mixed[key].replay()
 
     def _capture(self, mode: str, bucket: int, width: int) -> _Graph:
         s = self.static
@@ -165,32 +216,64 @@ class Runner:
         )
         rows = torch.arange(bucket, device=self.device)
         args = (s["tokens"][:bucket], s["positions"][:bucket], batch, mode, rows)
+        return self._graph(lambda: self._forward(*args))
+
+    def _capture_mixed(self, mode: str, bucket: int) -> _Graph:
+        """Every sequence slot of the buffers, the first ``min(sequences, bucket)`` of them as decode rows; the
+        logits land in one buffer that all mixed graphs share (a graph's own would stay allocated)."""
+        s, seqs = self.static, self.mixed_seqs
+        decodes = min(seqs, bucket)
+        batch = AttentionBatch(
+            query_pos=s["positions"][:bucket],
+            write_slots=s["write_slots"][:bucket],
+            block_tables=s["block_tables"][:seqs],
+            block_size=self.cache.block_size,
+            context_lens=s["context_lens"][:seqs],
+            query_start=[],
+            context_lens_host=[],
+            decode_lens=s["decode_lens"][:decodes],
+            prefill_start=s["prefill_start"],
+        )
+        args = (s["tokens"][:bucket], s["positions"][:bucket], batch, mode, s["sampled"])
+        return self._graph(lambda: s["logits"].copy_(self._forward(*args)))
+
+    def _graph(self, step) -> _Graph:
         if self.device.type != "cuda":
-            return _Graph(self, args)
+            return _Graph(step)
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream):
-            self._forward(*args)  # warm-up: lazy inits and kernel autotuning happen outside the graph
+            step()  # warm-up: lazy inits and kernel autotuning happen outside the graph
         torch.cuda.current_stream(self.device).wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
-            logits = self._forward(*args)
-        return _Graph(self, args, graph, logits)
+            logits = step()
+        return _Graph(step, graph, logits)
+
+
+def _fixed_shapes_supported(shift: ShiftModel, cache: PagedKVCache) -> bool:
+    """Mixed steps get graphs where both attention kernels take fixed shapes: on GPU, the Triton prefill kernel
+    must take the cache's dtype, head size and block size; on CPU the PyTorch twins take anything."""
+    if cache.data.device.type != "cuda":
+        return True
+    from shiftlib.triton_prefill import supports
+
+    return supports(cache.data[0, 0, :1], cache.block_size)
 
 
 class _Graph:
-    """A captured decode step and the static tensors it reads (kept alive: the graph holds their addresses).
+    """A captured step; ``step`` reads static tensors (kept alive by it: the graph holds their addresses).
 
-    Without a CUDA graph (CPU) ``replay`` runs the same forward on the same static buffers.
+    Without a CUDA graph (CPU) ``replay`` runs the same step on the same static buffers.
     """
 
-    def __init__(self, runner: Runner, args: tuple, graph: torch.cuda.CUDAGraph | None = None, logits: torch.Tensor | None = None) -> None:
-        self.runner, self.args, self.graph, self.logits = runner, args, graph, logits
+    def __init__(self, step, graph: torch.cuda.CUDAGraph | None = None, logits: torch.Tensor | None = None) -> None:
+        self.step, self.graph, self.logits = step, graph, logits
         self.replays = 0
 
     def replay(self) -> torch.Tensor:
         self.replays += 1
         if self.graph is None:
-            return self.runner._forward(*self.args)
+            return self.step()
         self.graph.replay()
         return self.logits
