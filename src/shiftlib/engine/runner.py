@@ -1,14 +1,15 @@
 """Turns a step plan into tensors, runs the model in the step's mode, and returns logits of sampled rows.
 
-On GPU every step up to a size replays a CUDA graph captured before serving starts (:meth:`Runner.capture`):
-inputs are copied into static buffers, and padding rows write to the cache's trash slot and attend to nothing.
-Decode steps have graphs per (mode, batch bucket, block-table width); mixed and prefill steps per (mode, token
-bucket), in which the decode kernel takes the step's decodes and the varlen prefill kernel the other
-sequences, both over a fixed number of sequences (:func:`shiftlib.paged_attention.attend`). Eagerly, a mixed
-step of 2,300 tokens took ~10 ms longer on the host to launch than the GPU took to run it. SP-mode buckets are
-multiples of ``sp``, so no step pads again inside a graph. Larger steps (long prefills) run eagerly: their
-GEMMs hide the launches. On CPU the same static path runs without capture when asked for, which is how the
-tests check the graphs' padding and buffers.
+On GPU, decode steps replay CUDA graphs, one per (mode, batch bucket, block-table width), captured before
+serving starts (:meth:`Runner.capture`): inputs are copied into static buffers, and padding rows write to the
+cache's trash slot and attend to nothing. SP-mode buckets are multiples of ``sp``, so no step pads again inside
+a graph. Mixed and prefill steps run eagerly unless ``max_mixed_tokens`` is set: then those up to that size
+replay graphs per (mode, token bucket), in which the decode kernel takes the step's decodes and the varlen
+prefill kernel the other sequences, both over a fixed number of sequence slots
+(:func:`shiftlib.paged_attention.attend`). On one H200 at P = 1 that is not worth it: the eager launches of a
+2,300-token step left the GPU idle ~10 ms of 63, but those steps run at the power cap, so the graphs' padding
+cost more than the idle time gave back. On CPU the same static paths run without capture when asked for, which
+is how the tests check the graphs' padding and buffers.
 """
 
 from __future__ import annotations
