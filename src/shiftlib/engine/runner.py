@@ -6,9 +6,10 @@ cache's trash slot and attend to nothing. SP-mode buckets are multiples of ``sp`
 a graph. Mixed and prefill steps run eagerly unless ``max_mixed_tokens`` is set: then those up to that size
 replay graphs per (mode, token bucket), in which the decode kernel takes the step's decodes and the varlen
 prefill kernel the other sequences, both over a fixed number of sequence slots
-(:func:`shiftlib.paged_attention.attend`). On one H200 at P = 1 that is not worth it: the eager launches of a
-2,300-token step left the GPU idle ~10 ms of 63, but those steps run at the power cap, so the graphs' padding
-cost more than the idle time gave back. On CPU the same static paths run without capture when asked for, which
+(:func:`shiftlib.paged_attention.attend`). On one H200 at P = 1 that does not pay: the eager launches of a
+2,300-token step leave the GPU idle ~10 ms of 63, but such steps run at the power cap (SM clock ~1,670 MHz, not
+1,980), so with no idle time the kernels ran slower (GEMMs 42.8 against 38.1 ms a step) and the graphs came out
+2-4 % behind. Where the launches bound a step (P > 1 shards the GEMMs, not the launches) they may. On CPU the same static paths run without capture when asked for, which
 is how the tests check the graphs' padding and buffers.
 """
 
