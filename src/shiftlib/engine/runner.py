@@ -9,8 +9,9 @@ prefill kernel the other sequences, both over a fixed number of sequence slots
 (:func:`shiftlib.paged_attention.attend`). On one H200 at P = 1 that does not pay: the eager launches of a
 2,300-token step leave the GPU idle ~10 ms of 63, but such steps run at the power cap (SM clock ~1,670 MHz, not
 1,980), so with no idle time the kernels ran slower (GEMMs 42.8 against 38.1 ms a step) and the graphs came out
-2-4 % behind. Where the launches bound a step (P > 1 shards the GEMMs, not the launches) they may. On CPU the same static paths run without capture when asked for, which
-is how the tests check the graphs' padding and buffers.
+2-4 % behind. Where the launches bound a step (P > 1 shards the GEMMs, not the launches) they may pay. On CPU
+the same static paths run without capture when asked for, which is how the tests check the graphs' padding and
+buffers.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ class Runner:
         if self.use_graphs:
             sp = shift.mesh.sp
             n = max(b for b in GRAPH_BUCKETS if b <= max(max_graph_batch, 1))
-            self.buckets = sorted({-(-b // sp) * sp for b in GRAPH_BUCKETS if b <= n} | {b for b in GRAPH_BUCKETS if b <= n})
+            self.buckets = sorted({x for b in GRAPH_BUCKETS if b <= n for x in (b, -(-b // sp) * sp)})
             self.graph_rows = self.buckets[-1]
             self.mixed_seqs = max_num_seqs if max_mixed_tokens and _fixed_shapes_supported(shift, cache) else 0
             steps = (16, 32, 64, *range(MIXED_STEP, max_mixed_tokens + MIXED_STEP, MIXED_STEP)) * bool(self.mixed_seqs)
