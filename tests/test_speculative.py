@@ -17,14 +17,14 @@ def _repetitive(seed: int) -> list[list[int]]:
 
 def _greedy_with_drafts(world: int) -> list[tuple]:
     """Per shape and family, one engine runs repetitive and plain prompts in modes tp, sp and auto (threshold
-    8: verify steps of more tokens run SP, others TP); later calls also draft from earlier calls' responses."""
+    16: verify steps of more tokens run SP, others TP); later calls also draft from earlier calls' responses."""
     ps = _repetitive(seed=3) + prompts((7, 13), seed=4)
     failures = []
     for tp, sp in SHAPES[world]:
         for family in ALL_FAMILIES:
             want = [hf_greedy(family, p, NEW) for p in ps]
             engine = Engine(parallel(family, tp, sp), num_blocks=64, block_size=4, **SPEC)
-            for engine.mode, engine.threshold in (("tp", None), ("sp", None), ("auto", 8)):
+            for engine.mode, engine.threshold in (("tp", None), ("sp", None), ("auto", 16)):
                 engine.stats.clear()
                 got = engine.generate(ps, SamplingParams(max_new_tokens=NEW))
                 accepted = sum(s.accepted for s in engine.stats)
@@ -54,31 +54,76 @@ def test_preemption_and_rejected_drafts_keep_tokens_and_free_every_block(ranks):
         assert ok and preempted > 0 and accepted > 0
 
 
-def _stop_inside_draft() -> tuple[list[int], list[int], str, int]:
-    """Pick a token that a verify step emitted after an accepted draft token, then stop on it."""
-    prompt = _repetitive(seed=0)[0]
-    engine = Engine(parallel("llama", 1, 2), num_blocks=64, block_size=4, **SPEC)
-    rid, steps = engine.add_request(prompt, SamplingParams(max_new_tokens=NEW)), []
+def _alone(engine: Engine, prompt: list[int], params: SamplingParams) -> tuple[list[int], str, list[tuple]]:
+    """Run one request; per verify step, where its own tokens start in the output, and how many were accepted
+    (a step may also hand out the token of the step before it, which comes first)."""
+    rid, verified, n = engine.add_request(prompt, params), [], 0
     while engine.has_unfinished:
-        steps.append([t for r, t in engine.step() if r == rid])
-    output = engine.completion(rid).tokens
-    done = 0
-    for emitted in steps:
-        picks = [i for i in range(1, len(emitted)) if emitted[i] not in output[: done + i]]
-        if picks:
-            stop, at = emitted[picks[0]], done + picks[0]
-            break
-        done += len(emitted)
-    rid, last = engine.add_request(prompt, SamplingParams(max_new_tokens=NEW, stop_token_ids=(stop,))), []
-    while engine.has_unfinished:
-        last = [t for r, t in engine.step() if r == rid] or last
+        emitted = [t for r, t in engine.step() if r == rid]
+        if emitted and (s := engine.stats[-1]).drafted:
+            verified.append((n + len(emitted) - min(len(emitted), s.accepted + 1), s.accepted))
+        n += len(emitted)
     done = engine.completion(rid)
-    return done.tokens, output[: at + 1], done.finish_reason, len(last)
+    return done.tokens, done.finish_reason, verified
+
+
+def _stop_inside_draft() -> tuple[list[int], list[int], str, int]:
+    """Pick a token that a verify step emitted after an accepted draft token (its first occurrence), then stop on
+    it: the request ends there, in a verify step that accepted draft tokens."""
+    engine = Engine(parallel("llama", 1, 2), num_blocks=64, block_size=4, **SPEC)
+    for prompt in (p for seed in range(8) for p in _repetitive(seed)):
+        output, _, verified = _alone(engine, prompt, SamplingParams(max_new_tokens=NEW))
+        picks = [at + i for at, k in verified for i in range(1, k + 1) if output[at + i] not in output[: at + i]]
+        if picks:
+            break
+    at = picks[0]
+    got, reason, verified = _alone(engine, prompt, SamplingParams(max_new_tokens=NEW, stop_token_ids=(output[at],)))
+    return got, output[: at + 1], reason, verified[-1][1]
 
 
 def test_a_stop_token_inside_accepted_draft_tokens_ends_the_request_there(ranks):
-    for got, want, reason, last_step in ranks(2).run(_stop_inside_draft):
-        assert got == want and reason == "stop" and last_step > 1
+    for got, want, reason, accepted_in_last_step in ranks(2).run(_stop_inside_draft):
+        assert got == want and reason == "stop" and accepted_in_last_step > 0
+
+
+def _drafts_once_the_batch_is_small() -> tuple:
+    """speculative_max_batch=2: four requests decode in the overlapped loop until two have finished, then the
+    other two draft and verify (each step reads its own tokens)."""
+    ps = _repetitive(seed=7) + _repetitive(seed=8)
+    lengths = (3, 5, 20, 20)
+    engine = Engine(parallel("llama", 1, 2), num_blocks=128, block_size=4, speculative_max_batch=2, **SPEC)
+    ids = [engine.add_request(p, SamplingParams(max_new_tokens=n)) for p, n in zip(ps, lengths)]
+    first = engine.step()
+    while engine.has_unfinished:
+        engine.step()
+    got = [engine.completion(i).tokens for i in ids]
+    want = [hf_greedy("llama", p, n) for p, n in zip(ps, lengths)]
+    drafted_at = {s.num_seqs for s in engine.stats if s.drafted}
+    return first, got == want, drafted_at, sum(s.accepted for s in engine.stats)
+
+
+def test_a_batch_over_speculative_max_batch_keeps_the_overlapped_loop_and_drafts_once_it_shrinks(ranks):
+    for first, same, drafted_at, accepted in ranks(2).run(_drafts_once_the_batch_is_small):
+        assert first == []  # the prefill's tokens are read a step later, as without speculation
+        assert same and drafted_at and max(drafted_at) <= 2 and accepted > 0
+
+
+def _steps_with_nothing_to_draft() -> dict:
+    p = prompts((5,), seed=11)[0]
+    out = {}
+    for spec in (None, "suffix"):
+        engine = Engine(parallel("llama", 1, 1), num_blocks=16, block_size=4, speculative=spec)
+        engine.add_request(p, SamplingParams(max_new_tokens=4))
+        steps = []
+        while engine.has_unfinished:
+            steps.append(engine.step())
+        out[spec] = steps, sum(s.drafted for s in engine.stats)
+    return out
+
+
+def test_a_request_with_nothing_to_draft_from_streams_as_without_speculation(ranks):
+    (out,) = ranks(1).run(_steps_with_nothing_to_draft)
+    assert out["suffix"] == out[None] and out[None][1] == 0  # the overlapped loop: tokens a step late
 
 
 VOCAB, TEMPERATURE, POSITIONS, SAMPLES = 8, 0.7, 3, 1000  # tokens checked: the first 3 of 8

@@ -221,7 +221,7 @@ class Engine:
     # -- the loop -----------------------------------------------------------------------------------------
     def step(self) -> list[tuple[int, int]]:
         """Launch one step in the mode its token count picks, then read the tokens of the step before, which ran
-        while this one was prepared (:mod:`shiftlib.engine.inflight`); with speculation, this step's own.
+        while this one was prepared (:mod:`shiftlib.engine.inflight`); in a step with drafts, this step's own.
 
         Returns:
             The ``(request id, token)`` pairs read (none for prefill chunks alone, for the first step, or with
@@ -238,14 +238,21 @@ class Engine:
             raise
 
     def _step(self) -> list[tuple[int, int]]:
-        start = time.perf_counter()
-        if self.speculator:
-            self.speculator.draft(self.scheduler.running, self.max_context, self.runner.graph_rows)
-        plan = self.scheduler.schedule(self.pick_mode)
+        start, events = time.perf_counter(), []
+        sched = self.scheduler
+        batch = min(len(sched.running) + len(sched.waiting), sched.max_num_seqs)  # what the step may run
+        spec = self.speculator
+        drafting = spec is not None and spec.active(batch) and (self._inflight is None or spec.likely(sched.running))
+        if drafting:  # drafts need every token so far: read the step in flight first, and this one at once
+            if self._inflight:
+                events, self._inflight, start = self._resolve(self._inflight, start), None, time.perf_counter()
+            spec.draft(sched.running, self.max_context, self.runner.graph_rows)
+            drafting = any(seq.draft for seq in sched.running)  # with none, this step can stay in flight
+        plan = sched.schedule(self.pick_mode)
         launched = self._launch(plan) if plan.work else None
-        # Read the step before this one while this one runs; drafting the next step needs this one's tokens.
-        done, self._inflight = (launched, None) if self.speculator else (self._inflight, launched)
-        return self._resolve(done, start) if done else []
+        # Otherwise read the step before this one while this one runs.
+        done, self._inflight = (launched, None) if drafting else (self._inflight, launched)
+        return events + self._resolve(done, start) if done else events
 
     def _launch(self, plan: StepPlan) -> InFlight:
         logits, rows = self.runner.run(plan, self._inflight and self._inflight.tokens)  # k + 1 rows for k drafts

@@ -192,17 +192,25 @@ class SuffixSpeculator:
         self.cached: deque[int] = deque()
         self.matched: dict[int, tuple[int, int, int, int]] = {}  # key -> the index version, tokens seen, match
 
+    def active(self, batch: int) -> bool:
+        """Whether a step of ``batch`` running requests drafts. Above ``max_batch`` it does not, and the engine
+        keeps its overlapped loop, which drafting gives up."""
+        return batch <= self.max_batch
+
+    def likely(self, running: list[Sequence]) -> bool:
+        """Whether a request's tokens read so far (all but the one in flight) have a draft: only then does the
+        engine read the step in flight before the next one, since drafts need every token."""
+        return any(seq.output and self.propose(seq.id, seq.prompt, seq.output, 1) for seq in running)
+
     def draft(self, running: list[Sequence], max_context: int, max_rows: int | None = None) -> None:
-        """Set the draft of every running request: none while it prefills or when the batch is too large;
+        """Set the draft of every running request (see :meth:`active` for when to): none while it prefills;
         never past ``max_new_tokens`` (the draft and the token after it) or the model's context. ``max_rows``:
         the largest decode step that replays a CUDA graph; drafts are cut to keep the step within it, since
         one row more runs the step eagerly (at batch 64 on an H200: 4.7-8.1x the cost of a decode step)."""
-        on = len(running) <= self.max_batch
-        rows = len(running) * (self.num_speculative_tokens + 1)
-        per = self.num_speculative_tokens if max_rows is None or rows <= max_rows else max_rows // len(running) - 1
+        per = draft_limit(len(running), self.num_speculative_tokens, max_rows)
         for seq in running:
             left = min(seq.params.max_new_tokens - len(seq.output) - 1, max_context - seq.num_tokens, per)
-            seq.draft = self.propose(seq.id, seq.prompt, seq.output, left) if on and seq.pending == 1 else []
+            seq.draft = self.propose(seq.id, seq.prompt, seq.output, left) if seq.pending == 1 else []
 
     def propose(self, key: int, prompt: list[int], output: list[int], limit: int) -> list[int]:
         """Draft at most ``limit`` tokens to follow the request's ``prompt + output``."""
@@ -251,6 +259,11 @@ def verify(rows: list[Sequence], tokens: list[int], scheduler: Scheduler) -> tup
         out.append((seq, i, chosen[: j + 1]))
         drafted, accepted, i = drafted + k, accepted + j, i + k + 1
     return out, drafted, accepted
+
+
+def draft_limit(batch: int, k: int, max_rows: int | None) -> int:
+    """Draft tokens per request that keep a verify step of ``batch`` requests within ``max_rows`` rows."""
+    return k if max_rows is None or batch * (k + 1) <= max_rows else max_rows // batch - 1
 
 
 def speculator(speculative: str | None, num_speculative_tokens: int, max_batch: int) -> SuffixSpeculator | None:
