@@ -98,15 +98,13 @@ class _RandomDrafts:
     def __init__(self, rng: torch.Generator, vocab: int) -> None:
         self.rng, self.vocab, self.k = rng, vocab, 0
 
-    def active(self, batch: int) -> bool:
+    def wants(self, scheduler, in_flight: bool) -> bool:
         return True
 
-    def likely(self, running: list) -> bool:
-        return True
-
-    def draft(self, running: list, max_context: int, max_rows: int | None) -> None:
+    def draft(self, running: list, max_context: int, max_rows: int | None) -> bool:
         for seq in running:  # cut as the engine's speculator cuts them, to keep within the CUDA graphs
             seq.draft = _prompt(self.rng, draft_limit(len(running), self.k, max_rows), self.vocab)
+        return self.k > 0
 
     def finish(self, key: int, output: list[int]) -> None:
         pass

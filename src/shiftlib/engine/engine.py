@@ -80,14 +80,15 @@ class Engine:
         cuda_graphs: replay decode steps as CUDA graphs, one per mode and batch bucket, captured here; default on
             GPU. On CPU, ``True`` runs the graphs' static-buffer path without capture (for tests).
         max_graph_batch: the largest decode batch that gets a graph; larger ones run eagerly.
-        mixed_graph_tokens: mixed and prefill steps of up to this many tokens replay graphs too (default 0: none;
-            on one H200 at P = 1 those steps are power-bound, and their graphs were 2-4 % slower than eager).
+        mixed_graph_tokens: mixed and prefill steps of up to this many tokens replay graphs too (0: none). Small
+            steps are bound by the host's kernel launches: on one H200 a 512-token prefill is 13 ms of GPU work
+            and 25-50 ms of launches. Larger ones are bound by the GPU's power cap, and graphs do not help them.
         enable_prefix_caching: reuse the cached K/V of full blocks that a request's prefix shares with earlier
             requests (:mod:`shiftlib.engine.prefix_cache`); the tokens are the same either way.
         speculative: ``"suffix"`` drafts tokens from the prompt and earlier responses (SuffixDecoding) and
             verifies them in the step, with the same output as without; ``None`` (default) does not.
         num_speculative_tokens: draft length at most.
-        speculative_max_batch: no drafts in steps of more running requests.
+        speculative_max_batch: no drafts in steps of more requests (running and waiting).
 
     Raises:
         ValueError: unknown mode or speculative method, a model that was not parallelized, a non-positive budget.
@@ -114,7 +115,7 @@ class Engine:
         memory_fraction: float = 0.9,
         cuda_graphs: bool | None = None,
         max_graph_batch: int = 256,
-        mixed_graph_tokens: int = 0,
+        mixed_graph_tokens: int = 1024,
         enable_prefix_caching: bool = True,
         speculative: str | None = None,
         num_speculative_tokens: int = 16,
@@ -238,19 +239,15 @@ class Engine:
             raise
 
     def _step(self) -> list[tuple[int, int]]:
-        start, events = time.perf_counter(), []
-        sched = self.scheduler
-        batch = min(len(sched.running) + len(sched.waiting), sched.max_num_seqs)  # what the step may run
-        spec = self.speculator
-        drafting = spec is not None and spec.active(batch) and (self._inflight is None or spec.likely(sched.running))
+        start, events, spec = time.perf_counter(), [], self.speculator
+        drafting = spec is not None and spec.wants(self.scheduler, self._inflight is not None)
         if drafting:  # drafts need every token so far: read the step in flight first, and this one at once
             if self._inflight:
                 events, self._inflight, start = self._resolve(self._inflight, start), None, time.perf_counter()
-            spec.draft(sched.running, self.max_context, self.runner.graph_rows)
-            drafting = any(seq.draft for seq in sched.running)  # with none, this step can stay in flight
-        plan = sched.schedule(self.pick_mode)
+            drafting = spec.draft(self.scheduler.running, self.max_context, self.runner.graph_rows)
+        plan = self.scheduler.schedule(self.pick_mode)
         launched = self._launch(plan) if plan.work else None
-        # Otherwise read the step before this one while this one runs.
+        # Otherwise (no drafts: it can stay in flight) read the step before this one while this one runs.
         done, self._inflight = (launched, None) if drafting else (self._inflight, launched)
         return events + self._resolve(done, start) if done else events
 

@@ -175,7 +175,8 @@ class SuffixSpeculator:
         num_speculative_tokens: draft length at most.
         max_depth: the longest context tail matched.
         min_prob: a draft stops before a token whose estimated probability falls below it.
-        max_batch: no drafts in a step of more running requests (verification would cost more than it saves).
+        max_batch: no drafts in a step of more requests, running and waiting (verification would then cost
+            more than it saves).
         max_cached: finished responses kept in the global index (``0`` disables it).
     """
 
@@ -192,18 +193,16 @@ class SuffixSpeculator:
         self.cached: deque[int] = deque()
         self.matched: dict[int, tuple[int, int, int, int]] = {}  # key -> the index version, tokens seen, match
 
-    def active(self, batch: int) -> bool:
-        """Whether a step of ``batch`` running requests drafts. Above ``max_batch`` it does not, and the engine
-        keeps its overlapped loop, which drafting gives up."""
-        return batch <= self.max_batch
+    def wants(self, scheduler: Scheduler, in_flight: bool) -> bool:
+        """Whether the next step should draft, giving up the engine's overlapped loop for it: not in a step of
+        more than ``max_batch`` requests, nor while a step is in flight unless some request's tokens read so
+        far (all but the one in flight) already have a draft."""
+        if min(len(scheduler.running) + len(scheduler.waiting), scheduler.max_num_seqs) > self.max_batch:
+            return False
+        return not in_flight or any(s.output and self.propose(s.id, s.prompt, s.output, 1) for s in scheduler.running)
 
-    def likely(self, running: list[Sequence]) -> bool:
-        """Whether a request's tokens read so far (all but the one in flight) have a draft: only then does the
-        engine read the step in flight before the next one, since drafts need every token."""
-        return any(seq.output and self.propose(seq.id, seq.prompt, seq.output, 1) for seq in running)
-
-    def draft(self, running: list[Sequence], max_context: int, max_rows: int | None = None) -> None:
-        """Set the draft of every running request (see :meth:`active` for when to): none while it prefills;
+    def draft(self, running: list[Sequence], max_context: int, max_rows: int | None = None) -> bool:
+        """Set the draft of every running request, and say whether any got one: none while it prefills;
         never past ``max_new_tokens`` (the draft and the token after it) or the model's context. ``max_rows``:
         the largest decode step that replays a CUDA graph; drafts are cut to keep the step within it, since
         one row more runs the step eagerly (at batch 64 on an H200: 4.7-8.1x the cost of a decode step)."""
@@ -211,6 +210,7 @@ class SuffixSpeculator:
         for seq in running:
             left = min(seq.params.max_new_tokens - len(seq.output) - 1, max_context - seq.num_tokens, per)
             seq.draft = self.propose(seq.id, seq.prompt, seq.output, left) if seq.pending == 1 else []
+        return any(seq.draft for seq in running)
 
     def propose(self, key: int, prompt: list[int], output: list[int], limit: int) -> list[int]:
         """Draft at most ``limit`` tokens to follow the request's ``prompt + output``."""
