@@ -10,8 +10,8 @@ weights; acceptance does, so its TPOT workloads are ones whose repetition does n
   loops and retries re-issue requests). TPOT is measured on the second pass.
 - ``ordinary``: fresh random prompts; drafts come only from what the random model's own output repeats.
 
-With ``--model`` (an instruction-tuned checkpoint; SmolLM2-135M-Instruct is the one a package ships, see
-docs/guides/speculative.md) the workloads are chat requests through the model's template, greedy, ending at EOS:
+With ``--model`` (an instruction-tuned checkpoint: SmolLM2-135M-Instruct ships in a package, see
+``examples/gguf_checkpoint.py``) the workloads are chat requests through the model's template, greedy, ending at EOS:
 
 - ``edit``: return a function of Python's standard library (300-800 tokens) with one comment added: the answer
   copies the prompt (code editing);
