@@ -144,9 +144,10 @@ class SuffixIndex:
         nxt, count, length, link, kid = self.next, self.count, self.length, self.link, self.best
         while v > 0:
             up = link[v]
-            m = min(m, length[v])
-            if m > length[up]:  # else the state's suffixes are all longer than m
-                cap = min(limit, m)
+            if m > length[v]:
+                m = length[v]
+            if m > length[up] and kid[v] != NONE:  # else its suffixes are all longer than m, or it has no child
+                cap = limit if limit < m else m
                 if cap <= best[0]:
                     break
                 u, prob, score, tokens = v, 1.0, 0.0, []
@@ -216,7 +217,7 @@ class SuffixSpeculator:
         """Draft at most ``limit`` tokens to follow the request's ``prompt + output``."""
         if limit < 1:
             return []
-        local = self.local.setdefault(key, SuffixIndex())
+        local = self.local.get(key) or self.local.setdefault(key, SuffixIndex())
         local.extend(0, _tokens_from(prompt, output, len(local.ends.get(0, ()))))
         limit = min(limit, self.num_speculative_tokens)
         best = local.draft(local.ends[0][-1], self.max_depth, limit, self.min_prob, (0.0, []))
