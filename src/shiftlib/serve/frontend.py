@@ -6,7 +6,7 @@ stop strings and the metrics. Messages on the pipe, as tuples:
 - to rank 0: ``("listening", url)`` or ``("error", why)`` once, ``("serving",)`` in answer to ``ready``; then
   ``("add", [Arrival])``, ``("abort", [uid])``, and ``("drained",)`` in answer to ``drain``;
 - from rank 0: ``("ready", Limits, threshold, mode)`` when the engine is built; ``("step", outputs, started,
-  rejected, StepInfo)`` after each step, ``outputs`` as ``(uid, tokens, logprobs or None, finish reason or
+  rejected, [StepInfo])`` after each step (one info per step read), ``outputs`` as ``(uid, tokens, logprobs or None, finish reason or
   None)``; ``("aborted", [uid], why)``; ``("drain",)`` on SIGINT/SIGTERM; ``("failed", why)`` when the engine
   broke; ``("stop",)`` at the end.
 
@@ -98,7 +98,7 @@ class EngineLink:
     def _handle(self, message: tuple) -> None:
         kind, *body = message
         if kind == "step":
-            outputs, started, rejected, info = body
+            outputs, started, rejected, infos = body
             for uid, tokens, logprobs, finish in outputs:
                 route = self.routes.get(uid) if finish is None else self.routes.pop(uid, None)
                 if route is not None:
@@ -112,7 +112,7 @@ class EngineLink:
                 self.metrics.prompt_tokens.inc(prompt_len)
             for uid, why in rejected:
                 self._error([uid], why, 400)
-            if info is not None:
+            for info in infos:
                 self.metrics.step(info)
         elif kind == "aborted":
             self._error(body[0], body[1], 503)

@@ -134,8 +134,8 @@ class FrontendPipe:
             self.conn.send(("aborted", uids, "the server shut down before this request finished"))
         message.shutdown = self.drained and (idle and not live or now >= self.deadline)
 
-    def publish(self, outputs: list, started: list, rejected: list, info: StepInfo | None) -> None:
-        self.conn.send(("step", outputs, started, rejected, info))
+    def publish(self, outputs: list, started: list, rejected: list, infos: list[StepInfo]) -> None:
+        self.conn.send(("step", outputs, started, rejected, infos))
 
     def fail(self, reason: str) -> None:
         """Tell the HTTP process the engine is gone (``/health`` turns 503, requests in flight get an error)."""
@@ -205,7 +205,8 @@ class Lockstep:
 
     def _after_step(self, events: list[tuple[int, int]], start: float, synced: bool, sync_s: float) -> None:
         engine, requests = self.engine, self.engine.requests
-        stats = engine.stats[-1] if engine.stats else None
+        # Two when a step with drafts first read the one in flight; none when no step ran (the gauges still change).
+        steps = list(engine.stats) or [StepStats("tp", 0, 0, 0, 0, 0.0)]
         engine.stats.clear()  # a server runs for days: keep no per-step history
         new: dict[int, list[int]] = {}
         for rid, token in events:
@@ -223,12 +224,10 @@ class Lockstep:
                 del requests[rid], self.rid_of[self.uid_of.pop(rid)]
         if self.frontend is not None:
             sched, alloc = engine.scheduler, engine.scheduler.allocator
-            info = StepInfo(stats.mode if stats else "tp", stats.num_tokens if stats else 0,
-                            stats.preempted if stats else 0, stats.seconds if stats else 0.0, synced, sync_s,
-                            len(sched.running), len(sched.waiting), 1 - alloc.num_free / alloc.num_blocks,
-                            stats.drafted if stats else 0, stats.accepted if stats else 0,
-                            ran_prefill(stats) if stats else False)
-            self.frontend.publish(outputs, started, self.rejected, info)
+            gauges = (len(sched.running), len(sched.waiting), 1 - alloc.num_free / alloc.num_blocks)
+            infos = [StepInfo(s.mode, s.num_tokens, s.preempted, s.seconds, synced and i == 0, sync_s, *gauges,
+                              s.drafted, s.accepted, ran_prefill(s)) for i, s in enumerate(steps)]  # fmt: skip
+            self.frontend.publish(outputs, started, self.rejected, infos)
             self.rejected = []
 
     def _started(self, start: float) -> list[tuple[int, float, int]]:
