@@ -315,6 +315,20 @@ class TestTwoRanksSP(Serving):
         drafted, accepted = (m[(f"shiftlib:spec_decode_num_{x}_tokens_total",)] for x in ("draft", "accepted"))
         assert drafted > 0 and 0 <= accepted <= drafted
 
+    def test_step_metrics_count_every_step_verify_steps_included(self, server):
+        """A request alone gets one token a step plus the draft tokens the step accepted, so its tokens are the
+        steps plus the accepted tokens: a step the metrics missed (one call can read two) breaks it."""
+        def totals() -> tuple[float, float]:
+            m = server.metrics()
+            return (sum(v for k, v in m.items() if k[0] == "shiftlib:steps_total"),
+                    m[("shiftlib:spec_decode_num_accepted_tokens_total",)])
+
+        before = totals()
+        server.client.completions.create(model="tiny", prompt="the quick brown fox " * 6, max_tokens=24,
+                                         temperature=0, extra_body={"ignore_eos": True})
+        steps, accepted = (a - b for a, b in zip(totals(), before))
+        assert accepted > 0 and steps + accepted == 24
+
     def test_models_health_and_unknown_routes(self, server):
         assert [m.id for m in server.client.models.list().data] == ["tiny"]
         assert server.http.get("/health").status_code == 200
