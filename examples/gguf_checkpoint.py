@@ -28,7 +28,8 @@ def main() -> None:
     dtype = getattr(torch, args.dtype)
     model = AutoModelForCausalLM.from_pretrained(args.directory, gguf_file=args.gguf_file, dtype=torch.float32)
     tied = model.config.tie_word_embeddings
-    weights = {k: v.to(dtype).contiguous() for k, v in model.state_dict().items() if not (tied and k == "lm_head.weight")}
+    weights = {k: v.to(dtype).contiguous() for k, v in model.state_dict().items()
+               if not (tied and k == "lm_head.weight")}  # a tied head is the embedding: one copy
     args.out.mkdir(parents=True, exist_ok=True)
     save_file(weights, args.out / "model.safetensors", metadata={"format": "pt"})
     model.config.architectures, model.config.dtype = [type(model).__name__], dtype

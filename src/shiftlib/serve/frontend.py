@@ -6,9 +6,9 @@ stop strings and the metrics. Messages on the pipe, as tuples:
 - to rank 0: ``("listening", url)`` or ``("error", why)`` once, ``("serving",)`` in answer to ``ready``; then
   ``("add", [Arrival])``, ``("abort", [uid])``, and ``("drained",)`` in answer to ``drain``;
 - from rank 0: ``("ready", Limits, threshold, mode)`` when the engine is built; ``("step", outputs, started,
-  rejected, [StepInfo])`` after each step (one info per step read), ``outputs`` as ``(uid, tokens, logprobs or None, finish reason or
-  None)``; ``("aborted", [uid], why)``; ``("drain",)`` on SIGINT/SIGTERM; ``("failed", why)`` when the engine
-  broke; ``("stop",)`` at the end.
+  rejected, [StepInfo])`` after each engine call (a StepInfo per step it read), ``outputs`` as ``(uid, tokens,
+  logprobs or None, finish reason or None)``; ``("aborted", [uid], why)``; ``("drain",)`` on SIGINT/SIGTERM;
+  ``("failed", why)`` when the engine broke; ``("stop",)`` at the end.
 
 It ignores SIGINT and SIGTERM itself: rank 0 decides when the server stops, and when rank 0 is gone (the pipe
 closes) this process stops too.
