@@ -212,14 +212,15 @@ def _chat(tokenizer, turns: list[tuple[str, str]]) -> list[int]:
 
 
 def chat_tpot(model, tokenizer, workload: str, concurrency: int, speculative: str | None, max_batch: int,
-              num: int, new: int) -> dict:  # fmt: skip
-    """TPOT of ``num`` requests of ``workload`` (see the module's docstring), greedy, ending at EOS or ``new``."""
+              num: int, new: int, edits: list[str]) -> dict:  # fmt: skip
+    """TPOT of ``num`` requests of ``workload`` (see the module's docstring), greedy, ending at EOS or ``new``;
+    ``edits``: the functions the ``edit`` requests ask to edit (:func:`library_functions`)."""
     questions = [a.format(t) for a in _ASKS for t in _TOPICS][:num]
     if workload == "edit":
         asks = [
             "Add a one-line comment above the first line of this Python function's body and return the whole "
             f"function, otherwise unchanged.\n\n```python\n{src}\n```"
-            for src in library_functions(tokenizer, num)
+            for src in edits
         ]
     else:
         asks = questions if workload == "ordinary" else [q.replace(".", " in a paragraph.") for q in questions]
@@ -273,12 +274,18 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps(result["host_cost"]), flush=True)
     dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
     mesh = shiftlib.init_mesh(1, 1, args.device)
+    chosen = args.workloads.split(",") if args.workloads else None
     if args.model:
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(args.model)
         model = shiftlib.from_pretrained(args.model, mesh, dtype=dtype)
-        workloads = ("edit", "multi-turn", "ordinary")
+        workloads = chosen or ("edit", "multi-turn", "ordinary")
+        # scanned once; the c = 1 runs take the first ones
+        edits = library_functions(tokenizer, max(args.c1_requests, args.c64_requests)) if "edit" in workloads else []
+
+        def measure(workload: str, c: int, spec: str | None, max_batch: int, num: int) -> dict:
+            return chat_tpot(model, tokenizer, workload, c, spec, max_batch, num, args.new, edits[:num])
     else:
         config = preset_config(args.preset)
         device = torch.device("cuda", torch.cuda.current_device()) if args.device == "cuda" else torch.device("cpu")
@@ -287,15 +294,15 @@ def main(argv: list[str] | None = None) -> int:
         batches, ks = [int(x) for x in args.batches.split(",")], [int(x) for x in args.ks.split(",")]
         result["verify"] = verify_costs(model, vocab, batches, ks, args.context)
         print(json.dumps(result["verify"]), flush=True)
-        workloads = ("repeat", "ordinary")
+        workloads = chosen or ("repeat", "ordinary")
+
+        def measure(workload: str, c: int, spec: str | None, max_batch: int, num: int) -> dict:
+            return tpot(model, vocab, workload, c, spec, max_batch, args.new, args.context, num)
     runs = []
-    for workload in args.workloads.split(",") if args.workloads else workloads:
+    for workload in workloads:
         for c, num in ((1, args.c1_requests), (64, args.c64_requests)):
             for spec, max_batch in ((None, 32), ("suffix", 32)) + ((("suffix", 64),) if c == 64 else ()):
-                if args.model:
-                    runs.append(chat_tpot(model, tokenizer, workload, c, spec, max_batch, num, args.new))
-                else:
-                    runs.append(tpot(model, vocab, workload, c, spec, max_batch, args.new, args.context, num))
+                runs.append(measure(workload, c, spec, max_batch, num))
                 print(json.dumps(runs[-1]), flush=True)
     result["tpot"] = runs
     result.update(machine=torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
