@@ -80,9 +80,8 @@ class Engine:
         cuda_graphs: replay decode steps as CUDA graphs, one per mode and batch bucket, captured here; default on
             GPU. On CPU, ``True`` runs the graphs' static-buffer path without capture (for tests).
         max_graph_batch: the largest decode batch that gets a graph; larger ones run eagerly.
-        mixed_graph_tokens: mixed and prefill steps of up to this many tokens replay graphs too (0: none). Small
-            steps are bound by the host's kernel launches: on one H200 a 512-token prefill is 13 ms of GPU work
-            and 25-50 ms of launches. Larger ones are bound by the GPU's power cap, and graphs do not help them.
+        mixed_graph_tokens: mixed and prefill steps of up to this many tokens replay graphs too (0: none): small
+            steps are launch-bound (a 512-token prefill, H200: 13 ms of GPU work, 25-50 ms eager), large ones not.
         enable_prefix_caching: reuse the cached K/V of full blocks that a request's prefix shares with earlier
             requests (:mod:`shiftlib.engine.prefix_cache`); the tokens are the same either way.
         speculative: ``"suffix"`` drafts tokens from the prompt and earlier responses (SuffixDecoding) and
@@ -241,13 +240,12 @@ class Engine:
     def _step(self) -> list[tuple[int, int]]:
         start, events, spec = time.perf_counter(), [], self.speculator
         drafting = spec is not None and spec.wants(self.scheduler, self._inflight is not None)
-        if drafting:  # drafts need every token so far: read the step in flight first, and this one at once
-            if self._inflight:
-                events, self._inflight, start = self._resolve(self._inflight, start), None, time.perf_counter()
-            drafting = spec.draft(self.scheduler.running, self.max_context, self.runner.graph_rows)
+        if drafting and self._inflight:  # drafts need every token so far: read the step in flight first
+            events, self._inflight, start = self._resolve(self._inflight, start), None, time.perf_counter()
+        drafting = drafting and spec.draft(self.scheduler.running, self.max_context, self.runner.graph_rows)
         plan = self.scheduler.schedule(self.pick_mode)
         launched = self._launch(plan) if plan.work else None
-        # Otherwise (no drafts: it can stay in flight) read the step before this one while this one runs.
+        # A step with drafts is read at once; any other stays in flight while the next one is prepared.
         done, self._inflight = (launched, None) if drafting else (self._inflight, launched)
         return events + self._resolve(done, start) if done else events
 
