@@ -239,6 +239,10 @@ def _synthetic_measurement() -> dict:
         for p in (1, 2, 4, 8):
             per_layer_decode = {str(n): 0.02 + 0.10 / p + 0.0004 * n / p for n in (1, 16, 64, 256)}
             per_layer_prefill = {str(n): 0.02 + 0.10 / p + 0.0008 * n / p for n in (128, 1024, 4096)}
+            per_layer_mixed = {
+                str(b): {str(n): 0.02 + 0.10 / p + 0.0004 * b / p + 0.0008 * n / p for n in (128, 1024, 2048)}
+                for b in (1, 64, 256)
+            }
             runs.append(
                 dict(
                     layers=layers,
@@ -246,6 +250,7 @@ def _synthetic_measurement() -> dict:
                     weights_bytes=0,
                     decode_ms={k: 1.0 + layers * v for k, v in per_layer_decode.items()},
                     prefill_ms={k: 1.0 + layers * v for k, v in per_layer_prefill.items()},
+                    mixed_ms={b: {k: 1.0 + layers * v for k, v in t.items()} for b, t in per_layer_mixed.items()},
                     ttft_ms={"8192": 1.0 + layers * (0.02 + 8192 * 0.0009 / p)},
                 )
             )
@@ -258,7 +263,10 @@ def test_cost_model_splits_layers_and_predicts_a_switch_point(tmp_path: Path) ->
     deeper = costmodel.CostModel(_synthetic_measurement(), layers=80)
     assert deeper.compute(1, "decode", 1) > 2 * model.compute(1, "decode", 1)
     # TP mode wins small steps (fewer weight bytes per rank, no all-to-all); SP mode large ones (less to reduce).
-    assert model.step("tp", 8, "decode", 1) < model.step("sp", 8, "decode", 1, mesh=(1, 8))
+    assert model.step("tp", 8, 0, 1) < model.step("sp", 8, 0, 1, mesh=(1, 8))
+    # A mixed step is priced between the measured decode batches, linear in the batch.
+    mixed = [model.mixed(1, 1024, b) for b in (1, 32, 64)]
+    assert mixed[0] < mixed[1] < mixed[2] and math.isclose(mixed[1], (31 * mixed[2] + 32 * mixed[0]) / 63)
     x = model.crossover(8, "decode", (1, 8))
     assert x is not None and 1 < x < 4096
     pred = costmodel.predict(model, "synthetic", [2, 8])
@@ -328,4 +336,7 @@ def test_cost_model_measures_the_slices_on_cpu(tmp_path: Path) -> None:
     assert {(r["layers"], r["p"]) for r in m["runs"]} == {(1, 1), (1, 2), (2, 1), (2, 2)}
     assert all(set(r["decode_ms"]) == {"1", "2"} and set(r["prefill_ms"]) == {"8", "16"} for r in m["runs"])
     model = costmodel.CostModel(m, layers=4)
-    assert model.step("tp", 2, "decode", 2) > 0 and model.ttft("sp", 2, 24, (1, 2)) > 0
+    assert all(set(r["mixed_ms"]) == {"1", "2"} and all(set(t) == {"8", "16"} for t in r["mixed_ms"].values())
+               for r in m["runs"])  # fmt: skip
+    assert model.step("tp", 2, 0, 2) > 0 and model.step("sp", 2, 16, 2, mesh=(1, 2)) > 0
+    assert model.ttft("sp", 2, 24, (1, 2)) > 0

@@ -25,6 +25,7 @@ Run ``python -m shiftlib.bench.costmodel measure ...`` on one GPU, ``... predict
 from __future__ import annotations
 
 import argparse
+import inspect
 import itertools
 import json
 import math
@@ -35,11 +36,17 @@ from pathlib import Path
 
 import torch
 
+from shiftlib.bench import simulate
+from shiftlib.bench.metrics import RequestRecord, summarize
+from shiftlib.engine.engine import Engine
+
 # (bytes, ms) on 2 x H200, DESIGN.md.
 ALL_REDUCE_2XH200 = ((1 * 4096 * 2, 0.034), (8192 * 4096 * 2, 0.27), (32768 * 4096 * 2, 0.97))
 ALL_TO_ALL_2XH200 = ((0, 0.034), (32768 * 4096 * 2, 0.53))
 H200_BYTES = 139 * 2**30  # usable HBM per GPU, as torch reports it
 BYTES_BF16 = 2
+MAX_PREFILL_TOKENS = inspect.signature(Engine).parameters["max_prefill_tokens"].default  # what the loads run with
+MIXED_DECODE_TOKENS = 64  # new tokens of the requests that decode through a mixed-step measurement
 
 
 def slice_config(config, p: int, layers: int | None = None):
@@ -146,6 +153,38 @@ def _ttft_ms(engine, length: int, vocab: int, rng, repeats: int = 2) -> float:
     return 1000 * min(out)
 
 
+def _mixed_ms(engine, batch: int, sizes: list[int], context: int, vocab: int, rng, repeats: int = 3) -> dict:
+    """Median time of steps that decode ``batch`` requests at about ``context`` tokens each and prefill n prompt
+    tokens (prompts of at most ``context``), for each n of ``sizes``: the steps of an engine under load."""
+    from shiftlib import SamplingParams
+
+    decoding = SamplingParams(max_new_tokens=MIXED_DECODE_TOKENS, ignore_eos=True)
+    ids = [engine.add_request(_prompt(rng, context, vocab), decoding) for _ in range(batch)]
+    engine.stats.clear()
+    while not (engine.stats and engine.stats[-1].num_seqs == batch == engine.stats[-1].num_tokens):
+        engine.step()  # until all of them decode
+    out = {}
+    for n in sizes:
+        lengths = [context] * (n // context) + ([n % context] if n % context else [])
+        engine.stats.clear()
+        for _ in range(repeats):
+            one = [engine.add_request(_prompt(rng, k, vocab), SamplingParams(max_new_tokens=1, ignore_eos=True))
+                   for k in lengths]  # fmt: skip
+            while any(engine.requests[i].finish_reason is None for i in one):
+                engine.step()
+            for i in one:
+                engine.completion(i)
+        times = [s.seconds for s in engine.stats if (s.num_tokens, s.num_seqs) == (batch + n, batch + len(lengths))]
+        out[str(n)] = round(1000 * _median_tail(times, 1), 4)
+    for i in ids:
+        engine.abort(i)
+    while engine.has_unfinished:
+        engine.step()
+    for i in ids:
+        engine.completion(i)
+    return out
+
+
 def measure(
     preset: str,
     parts: list[int],
@@ -155,6 +194,8 @@ def measure(
     context: int,
     long_prompts: list[int],
     decode_steps: int = 8,
+    mixed_batches: list[int] | None = None,
+    mixed_prefill: list[int] | None = None,
     max_num_tokens: int = 4096,
     device: str | None = None,
     dtype: torch.dtype | None = None,
@@ -164,6 +205,8 @@ def measure(
     """Step times of the slice model of each p in ``parts`` on this one device (a 1 x 1 mesh), in ms.
 
     ``layers``: the depths to measure at (two or more give the per-layer and fixed parts); default the preset's.
+    ``mixed_batches`` x ``mixed_prefill``: the mixed steps timed (decode rows x prompt tokens); default
+    ``batches`` x the ``prefill`` sizes within the engine's prefill budget of a step that decodes.
     """
     import shiftlib
     from shiftlib.bench.suite import machine, versions
@@ -173,6 +216,8 @@ def measure(
     dtype = dtype or (torch.bfloat16 if device == "cuda" else torch.float32)
     config = preset_config(preset)
     layers = layers or [config.num_hidden_layers]
+    mixed_batches = batches if mixed_batches is None else mixed_batches
+    mixed_prefill = [n for n in prefill_tokens if n <= MAX_PREFILL_TOKENS] if mixed_prefill is None else mixed_prefill
     mesh = shiftlib.init_mesh(1, 1, device)
     dev = mesh.device_type if device == "cpu" else torch.device("cuda", torch.cuda.current_device())
     runs = []
@@ -186,12 +231,15 @@ def measure(
             # decode together from the next step on (no mixed prefill + decode steps in between); prefill steps
             # of n tokens fit in it too. TTFT uses the benchmark's budget, with its chunked prefill.
             budget = max(max_num_tokens, max(batches) * context)
-            blocks = math.ceil(1.2 * max(batches) * (context + decode_steps + 8) / 16) + max(batches) + 8
+            longest = context + max(decode_steps, MIXED_DECODE_TOKENS) + 8
+            blocks = math.ceil((1.2 * max(batches) * longest + max(mixed_prefill, default=0)) / 16) + max(batches) + 8
             engine = shiftlib.Engine(
-                model, num_blocks=blocks, block_size=16, max_num_tokens=budget, max_num_seqs=max(batches), mode="tp"
-            )
+                model, num_blocks=blocks, block_size=16, max_num_tokens=budget, mode="tp",
+                max_num_seqs=max(batches) + math.ceil(max(mixed_prefill, default=0) / context),  # the mixed steps' too
+            )  # fmt: skip
             rng = torch.Generator().manual_seed(seed)
-            run = dict(layers=L, p=p, weights_bytes=weight_bytes(cfg)["total"], decode_ms={}, prefill_ms={}, ttft_ms={})
+            run = dict(layers=L, p=p, weights_bytes=weight_bytes(cfg)["total"], decode_ms={}, prefill_ms={},
+                       mixed_ms={}, ttft_ms={})  # fmt: skip
             _decode_ms(engine, 1, context, 2, cfg.vocab_size, rng, budget)  # compile, autotune, first allocations
             for b in batches:
                 run["decode_ms"][str(b)] = round(
@@ -199,6 +247,8 @@ def measure(
                 )
             for n in prefill_tokens:
                 run["prefill_ms"][str(n)] = round(_prefill_ms(engine, n, context, cfg.vocab_size, rng), 4)
+            for b in mixed_batches:
+                run["mixed_ms"][str(b)] = _mixed_ms(engine, b, mixed_prefill, context, cfg.vocab_size, rng)
             del engine
             if long_prompts:
                 engine = shiftlib.Engine(
@@ -235,6 +285,7 @@ def measure(
         context=context,
         decode_steps=decode_steps,
         max_num_tokens=max_num_tokens,
+        max_prefill_tokens=MAX_PREFILL_TOKENS,
         runs=runs,
         machine=machine(),
         versions=versions(),
@@ -306,7 +357,8 @@ def _curve(table: dict[str, float]) -> tuple[tuple[float, float], ...]:
 
 @dataclass
 class SliceTimes:
-    """Step time (ms) of the slice model of one p, as fixed + layers x per-layer, for decode, prefill and TTFT."""
+    """Step time (ms) of the slice model of one p, as fixed + layers x per-layer, for decode, prefill and TTFT,
+    and for mixed steps of each measured decode batch (kind ``"mixed:<batch>"``, over prompt tokens)."""
 
     fixed: dict[str, tuple[tuple[float, float], ...]]
     per_layer: dict[str, tuple[tuple[float, float], ...]]
@@ -314,17 +366,30 @@ class SliceTimes:
     def at(self, kind: str, n: float, layers: int) -> float:
         return max(_interp(self.fixed[kind], n) + layers * _interp(self.per_layer[kind], n), 1e-3)
 
+    def mixed(self, prefill: float, decode: float, layers: int) -> float:
+        """A step of ``prefill`` prompt tokens and ``decode`` decode rows: between the measured decode batches,
+        linear in the batch."""
+        if not prefill or not decode:
+            return self.at("prefill", prefill, layers) if prefill else self.at("decode", decode, layers)
+        batches = sorted(int(k.removeprefix("mixed:")) for k in self.fixed if k.startswith("mixed:"))
+        if not batches:
+            raise ValueError("the measurement has no mixed steps: measure again with this version (mixed_ms)")
+        return _interp(tuple((b, self.at(f"mixed:{b}", prefill, layers)) for b in batches), decode)
+
 
 def _split_layers(runs: list[dict]) -> SliceTimes:
     """Fit fixed + L x per-layer through the runs at several depths (least squares); one depth: all per layer."""
     depths = sorted({r["layers"] for r in runs})
     by_depth = {r["layers"]: r for r in runs}
+    tables = {kind: {L: by_depth[L][f"{kind}_ms"] for L in depths} for kind in ("decode", "prefill", "ttft")}
+    for b in set.intersection(*(set(by_depth[L].get("mixed_ms", {})) for L in depths)):
+        tables[f"mixed:{b}"] = {L: by_depth[L]["mixed_ms"][b] for L in depths}
     fixed, per_layer = {}, {}
-    for kind in ("decode_ms", "prefill_ms", "ttft_ms"):
-        keys = sorted(set.intersection(*(set(by_depth[L][kind]) for L in depths)), key=float)
+    for kind, table in tables.items():
+        keys = sorted(set.intersection(*(set(table[L]) for L in depths)), key=float)
         f, s = {}, {}
         for k in keys:
-            ys = [by_depth[L][kind][k] for L in depths]
+            ys = [table[L][k] for L in depths]
             if len(depths) == 1:
                 f[k], s[k] = 0.0, ys[0] / depths[0]
             else:
@@ -332,7 +397,7 @@ def _split_layers(runs: list[dict]) -> SliceTimes:
                 slope = sum((x - mx) * (y - my) for x, y in zip(depths, ys)) / sum((x - mx) ** 2 for x in depths)
                 slope = max(slope, 0.0)  # noise can tilt two close timings the wrong way; a layer never costs < 0
                 f[k], s[k] = my - slope * mx, slope
-        fixed[kind.removesuffix("_ms")], per_layer[kind.removesuffix("_ms")] = _curve(f), _curve(s)
+        fixed[kind], per_layer[kind] = _curve(f), _curve(s)
     return SliceTimes(fixed, per_layer)
 
 
@@ -364,6 +429,7 @@ class CostModel:
             p: _split_layers([r for r in m["runs"] if r["p"] == p]) for p in sorted({r["p"] for r in m["runs"]})
         }
         self.max_num_tokens = m["max_num_tokens"]
+        self.max_prefill_tokens = m.get("max_prefill_tokens", MAX_PREFILL_TOKENS)
 
     @property
     def parts(self) -> list[int]:
@@ -373,6 +439,11 @@ class CostModel:
         if p not in self.slices:
             raise ValueError(f"no measurement of the slice of p={p}: measured {self.parts}; add it with --parts")
         return self.slices[p].at(kind, n, self.layers)
+
+    def mixed(self, p: int, prefill: float, decode: float) -> float:
+        """The slice of p's step of ``prefill`` prompt tokens and ``decode`` decode rows."""
+        self.compute(p, "decode", 1)  # the error for an unmeasured p
+        return self.slices[p].mixed(prefill, decode, self.layers)
 
     # bytes of the step's collectives
     def _token_bytes(self) -> int:
@@ -406,31 +477,30 @@ class CostModel:
         self,
         config: str,
         P: int,
-        kind: str,
-        n: float,
+        prefill: float,
+        decode: float,
         sampled: float | None = None,
         mesh: tuple[int, int] | None = None,
     ) -> float:
-        """Predicted time of one step of ``n`` tokens (``kind`` "decode": n requests; "prefill": n prompt tokens).
+        """Predicted time of one step of ``prefill`` prompt tokens and ``decode`` decode rows, ``sampled`` of its
+        rows sampling a token (default: the decode rows, or one for a prefill alone).
 
-        ``config``: "tp", "sp" (on ``mesh``), "dp" (P replicas, n split evenly) or "tp@1" (one GPU).
+        ``config``: "tp" or "sp" (on ``mesh``).
         """
-        sampled = n if sampled is None else sampled
+        n = prefill + decode
+        sampled = (decode or 1) if sampled is None else sampled
         if config == "tp":
-            return self.compute(P, kind, n) + self.comm_tp(P, n, sampled)
+            return self.mixed(P, prefill, decode) + self.comm_tp(P, n, sampled)
         if config == "sp":
             tp, sp = mesh or (1, P)
             if tp * sp != P:
                 raise ValueError(f"mesh {tp}x{sp} does not have P={P} ranks")
-            return self.compute(tp, kind, math.ceil(n / sp)) + self.comm_sp(tp, sp, n, sampled)
-        if config == "dp":
-            return self.compute(1, kind, max(n / P, 1.0))
-        raise ValueError(f"unknown configuration {config!r}: tp, sp or dp")
+            return self.mixed(tp, prefill / sp, decode / sp) + self.comm_sp(tp, sp, n, sampled)
+        raise ValueError(f"unknown configuration {config!r}: tp or sp")
 
-    def shift_step(
-        self, P: int, kind: str, n: float, mesh: tuple[int, int], threshold: int, sampled: float | None = None
-    ) -> float:
-        return self.step("tp" if n <= threshold else "sp", P, kind, n, sampled, mesh)
+    def shift_step(self, P: int, prefill: float, decode: float, mesh: tuple[int, int], threshold: int,
+                   sampled: float | None = None) -> float:  # fmt: skip
+        return self.step("tp" if prefill + decode <= threshold else "sp", P, prefill, decode, sampled, mesh)
 
     def ttft(self, config: str, P: int, length: int, mesh: tuple[int, int] | None = None) -> float:
         """Time to first token of one ``length``-token prompt, prefilled in chunks of ``max_num_tokens``."""
@@ -462,39 +532,35 @@ class CostModel:
         output_len: int,
         mesh: tuple[int, int] = (1, 1),
         threshold: int = 256,
+        waves: int = 2,
     ) -> dict:
-        """Steady state of ``concurrency`` clients: while a request decodes (``output_len - 1`` steps of the whole
-        batch) the engine also prefills the prompts of the ``concurrency - 1`` others, in steps of
-        ``max_num_tokens`` tokens. Each step is priced as a pure decode or a pure prefill step of its size.
+        """The benchmark's closed loop (``waves * concurrency`` requests, ``concurrency`` in flight) as the engine
+        schedules it (:mod:`shiftlib.bench.simulate`), each step priced as it runs: prefill chunks and decode rows
+        together. DP runs ``concurrency / P`` clients on each replica.
 
-        Returns TPOT (decode steps plus the others' prefills, per token), TTFT (prefill chunks up to and including
-        the request's own, half of them on average), the decode step and the output throughput (requests x
-        output tokens per cycle of prefills and decodes). DP runs ``concurrency / P`` requests on each replica.
+        Returns the benchmark's p50 TPOT and TTFT, its output throughput, and the decode step of the whole batch.
         """
-        replicas = P if config == "dp" else 1
-        c = concurrency / replicas if config == "dp" else concurrency
-        c_ceil = math.ceil(c)
-        prefill_tokens = c_ceil * input_len
-        full, rest = divmod(prefill_tokens, self.max_num_tokens)
-        chunks = [self.max_num_tokens] * full + ([rest] if rest else [])
+        replicas = min(P, concurrency) if config == "dp" else 1
+        c = math.ceil(concurrency / replicas)
+        trace = simulate.closed_loop(c, waves * c, input_len, output_len, self.max_num_tokens,
+                                     self.max_prefill_tokens, max(256, c))  # fmt: skip
 
-        def step(kind: str, n: float, sampled: float) -> float:
+        def step(prefill: int, decode: int, sampled: int) -> float:
             if config == "shift":
-                return self.shift_step(P, kind, n, mesh, threshold, sampled)
+                return self.shift_step(P, prefill, decode, mesh, threshold, sampled)
             if config == "dp":
-                return self.compute(1, kind, n)
-            return self.step(config, P, kind, n, sampled, mesh if config == "sp" else None)
+                return self.mixed(1, prefill, decode)
+            return self.step(config, P, prefill, decode, sampled, mesh if config == "sp" else None)
 
-        prefill = sum(step("prefill", n, n / input_len) for n in chunks)
-        decode = step("decode", c_ceil, c_ceil)
-        cycle = prefill + (output_len - 1) * decode
-        others = prefill * (c_ceil - 1) / c_ceil
+        ends = [ms / 1000 for ms in itertools.accumulate(step(*s) for s in trace.steps)]  # each step's end, s
+        records = [RequestRecord(ends[a] if a >= 0 else 0.0, input_len, output_len, ends[f], ends[e])
+                   for a, f, e in trace.requests]  # fmt: skip
+        got = summarize(records, [], ends[-1])
         return dict(
-            tpot_ms=((output_len - 1) * decode + others) / max(output_len - 1, 1),
-            ttft_ms=(prefill + step("prefill", chunks[0], chunks[0] / input_len)) / 2,
-            decode_step_ms=decode,
-            prefill_ms=prefill,
-            output_tok_per_s=1000 * concurrency * output_len / cycle,
+            tpot_ms=got["tpot_ms_p50"],
+            ttft_ms=got["ttft_ms_p50"],
+            decode_step_ms=step(0, min(c, 256), min(c, 256)),
+            output_tok_per_s=got["output_tok_per_s"] * concurrency / c,  # DP: that many replicas' worth
         )
 
     def crossover(self, P: int, kind: str, mesh: tuple[int, int], limit: int = 4096) -> int | None:
@@ -504,7 +570,8 @@ class CostModel:
         a result equal to that size means "at or below it". None: TP mode stays faster up to ``limit``.
         """
         for n in range(self.grid_min(kind), limit + 1):
-            if self.step("sp", P, kind, n, mesh=mesh) < self.step("tp", P, kind, n):
+            x, b = (n, 0) if kind == "prefill" else (0, n)
+            if self.step("sp", P, x, b, mesh=mesh) < self.step("tp", P, x, b):
                 return n
         return None
 
@@ -649,6 +716,29 @@ def _ratios(curves: dict) -> dict:
     return r
 
 
+CHECKED = (("tpot_ms", "tpot_ms_p50"), ("ttft_ms", "ttft_ms_p50"), ("output_tok_per_s", "output_tok_per_s"))
+
+
+def check(model: CostModel, records: list[dict]) -> list[dict]:
+    """The P = 1 predictions against a benchmark run (``python -m shiftlib.bench --configs shift``) of the same
+    preset on the GPU that was measured: predicted / measured for each closed-loop level on one GPU."""
+    rows = []
+    for r in records:
+        if (r["config"], r["world"], r["workload"], r.get("preset")) != ("shift", 1, "concurrency", model.measurement["preset"]):
+            continue
+        c = r["concurrency"]
+        pred = model.closed_loop("shift", 1, c, r["input_len"], r["output_len"], threshold=r["threshold"],
+                                 waves=r["num_requests"] // c)  # fmt: skip
+        row = dict(concurrency=c)
+        for key, measured in CHECKED:
+            row[key] = dict(predicted=round(pred[key], 3), measured=r[measured], ratio=round(pred[key] / r[measured], 3))
+        rows.append(row)
+    if not rows:
+        raise ValueError(f"no closed-loop shift run on one GPU of {model.measurement['preset']} to check against: "
+                         f"run python -m shiftlib.bench --preset {model.measurement['preset']} --configs shift --concurrency ...")
+    return rows
+
+
 def _x(w: dict, kind: str) -> str:
     x = w[f"{kind}_crossover"]
     if x is None:
@@ -660,6 +750,14 @@ def markdown(predictions: list[dict]) -> str:
     """The predictions as Markdown tables for docs/benchmarks.md."""
     lines = []
     for pred in predictions:
+        if pred.get("check"):
+            lines += [f"#### {pred['name']}, P = 1: predicted against measured", "",
+                      "| concurrency | TPOT p50 ms | TTFT p50 ms | output tok/s |", "|---|---|---|---|"]  # fmt: skip
+            for row in pred["check"]:
+                cells = [f"{row[k]['predicted']:,.2f} / {row[k]['measured']:,.2f} ({row[k]['ratio']:.2f}x)"
+                         for k, _ in CHECKED]  # fmt: skip
+                lines.append(f"| {row['concurrency']} | " + " | ".join(cells) + " |")
+            lines.append("")
         for P, w in pred["by_world"].items():
             fits = ", ".join(f"{k} {'fits' if v else 'does NOT fit'}" for k, v in w["fits"].items())
             lines += [
@@ -792,6 +890,9 @@ def main(argv: list[str] | None = None) -> int:
     m.add_argument("--context", type=int, default=512, help="prompt tokens of the decoding requests (default 512)")
     m.add_argument("--long-prompts", type=_ints, default=[8192])
     m.add_argument("--decode-steps", type=int, default=8)
+    m.add_argument("--mixed-batches", type=_ints, default=None, help="decode rows of the mixed steps (default --batches)")
+    m.add_argument("--mixed-prefill", type=_ints, default=None,
+                   help=f"prompt tokens of the mixed steps (default the --prefill sizes up to {MAX_PREFILL_TOKENS})")
     m.add_argument("--device", choices=("cuda", "cpu"), default=None)
     m.add_argument("--output", type=Path, required=True)
     p = sub.add_parser("predict", help="predict P = 2, 4, 8 from measurements")
@@ -807,6 +908,8 @@ def main(argv: list[str] | None = None) -> int:
         default=0.034,
         help="fixed cost of one collective (default 0.034: the eager 2xH200 all-reduce of 8 KiB)",
     )
+    p.add_argument("--check", type=Path, default=None,
+                   help="a benchmark JSON of the same preset on one GPU: its closed loops against the P = 1 predictions")
     p.add_argument("--input-len", type=int, default=512)
     p.add_argument("--output-len", type=int, default=64)
     p.add_argument("--output", type=Path, required=True, help="predictions JSON")
@@ -823,6 +926,8 @@ def main(argv: list[str] | None = None) -> int:
             args.context,
             args.long_prompts,
             args.decode_steps,
+            args.mixed_batches,
+            args.mixed_prefill,
             device=args.device,
         )
         args.output.parent.mkdir(parents=True, exist_ok=True)
@@ -837,6 +942,8 @@ def main(argv: list[str] | None = None) -> int:
         pred = predict(
             model, name, args.world, input_len=args.input_len, output_len=args.output_len, threshold=args.threshold
         )
+        if args.check and (bench := json.loads(args.check.read_text())) and meas["preset"] in {r.get("preset") for r in bench}:
+            pred["check"] = check(model, bench)
         preds.append(dict(pred, latency_ms=args.latency_ms, measurement=str(path)))
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(preds, indent=1) + "\n")
