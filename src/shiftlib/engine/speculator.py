@@ -46,42 +46,55 @@ class SuffixIndex:
         self.version += 1
         ends = self.ends.setdefault(key, [])
         self.tokens.setdefault(key, []).extend(tokens)
-        nxt, link, count, best = self.next, self.link, self.count, self.best
+        nxt, link, length, count, best = self.next, self.link, self.length, self.count, self.best
         last = ends[-1] if ends else 0
         for t in tokens:
-            prev, last = last, self._append(last, t)
+            p = last
+            q = nxt[p].get(t)
+            if q is None:  # a new prefix: a state of its own
+                last = len(length)
+                nxt.append({})
+                link.append(0)
+                length.append(length[p] + 1)
+                count.append(1)  # the position it ends
+                best.append(NONE)
+                # the previous prefix's suffixes without a child on t get the new state, which occurs once: their
+                # best child is settled here, so the walk of the suffixes below starts after them
+                while p != -1:
+                    kids = nxt[p]
+                    if t in kids:
+                        break
+                    kids[t] = last
+                    b = best[p]
+                    if b == NONE:
+                        best[p] = t
+                    elif b >= 0:
+                        cb = count[kids[b]]
+                        if cb < 1 or (cb == 1 and t < b):
+                            best[p] = t
+                    p = link[p]
+                if p != -1:
+                    q = nxt[p][t]
+                    link[last] = q if length[q] == length[p] + 1 else self._split(p, t, q)
+                v = link[last]
+            else:  # the prefix already occurs (in another sequence): reuse or split its state
+                last = q if length[q] == length[p] + 1 else self._split(p, t, q)
+                v = last
             ends.append(last)
-            v = last
             while v != -1:  # the new position ends every suffix of the prefix: one more occurrence of each
                 count[v] += 1
                 v = link[v]
-            v = prev
-            while v != -1:  # ... and those are the children on t of the previous prefix's suffixes
+            v = p
+            while v != -1:  # ... and those are the children on t of the previous prefix's other suffixes
                 b = best[v]
                 if b == NONE:
                     best[v] = t
                 elif b >= 0 and b != t:
-                    c, cb = count[nxt[v][t]], count[nxt[v][b]]
+                    kids = nxt[v]
+                    c, cb = count[kids[t]], count[kids[b]]
                     if c > cb or (c == cb and t < b):
                         best[v] = t
                 v = link[v]
-
-    def _append(self, last: int, t: int) -> int:
-        nxt, link, length = self.next, self.link, self.length
-        q = nxt[last].get(t)
-        if q is not None:  # the prefix already occurs (in another sequence): reuse or split its state
-            return q if length[q] == length[last] + 1 else self._split(last, t, q)
-        cur = self._state(length[last] + 1, {}, 0, 0, NONE)
-        p = last
-        while p != -1 and t not in nxt[p]:
-            nxt[p][t] = cur
-            p = link[p]
-        if p == -1:
-            link[cur] = 0
-        else:
-            q = nxt[p][t]
-            link[cur] = q if length[q] == length[p] + 1 else self._split(p, t, q)
-        return cur
 
     def _split(self, p: int, t: int, q: int) -> int:
         """Give the strings of ``q`` up to ``length[p] + 1`` tokens a state of their own."""
@@ -102,17 +115,18 @@ class SuffixIndex:
 
     def remove(self, key: int) -> None:
         self.version += 1
+        link, count, best = self.link, self.count, self.best
         prev = 0
         for v, t in zip(self.ends.pop(key), self.tokens[key]):
             u = v
             while u != -1:
-                self.count[u] -= 1
-                u = self.link[u]
+                count[u] -= 1
+                u = link[u]
             u = prev
             while u != -1:
-                if self.best[u] == t:
-                    self.best[u] = STALE
-                u = self.link[u]
+                if best[u] == t:
+                    best[u] = STALE
+                u = link[u]
             prev = v
         self.dead += len(self.tokens.pop(key))
         if self.dead > sum(map(len, self.tokens.values())):
