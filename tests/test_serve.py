@@ -405,7 +405,7 @@ class TestFourRanks(Serving):
             error = r.json()["error"]
             assert r.status_code == 400 and error["type"] == "invalid_request_error", (body, r.text)
             assert error["param"] == param and len(error["message"]) > 20, (body, error)
-            assert _ask(server, "completion", PROMPTS[1], stream=False)[1] == reference["completion"][1]
+        assert _ask(server, "completion", PROMPTS[1], stream=False)[1] == reference["completion"][1]  # unharmed
         with pytest.raises(openai.BadRequestError, match="is not served here"):
             server.client.completions.create(model="gpt-4", prompt="hi")
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -112,3 +114,16 @@ def test_drafts_keep_a_decode_step_within_its_cuda_graph(batch, max_rows):
     else:
         assert rows <= max(max_rows, batch), (rows, max_rows)
         assert all(len(seq.draft) == max(max_rows // batch - 1, 0) for seq in running)
+
+
+def test_responses_that_end_while_the_engine_is_too_busy_to_draft_are_not_indexed():
+    passage, spec = list(range(100, 140)), SuffixSpeculator(max_batch=2)
+    load = SimpleNamespace(running=[], waiting=[Sequence(i, [1], SamplingParams(), None) for i in range(3)],
+                           max_num_seqs=8)  # fmt: skip
+    assert not spec.wants(load, in_flight=False)
+    spec.finish(0, passage)  # three requests: no drafts, no indexing
+    assert spec.propose(1, [7], passage[:12], 16) == []
+    load.waiting.pop()
+    assert spec.wants(load, in_flight=False)
+    spec.finish(0, passage)  # two: both again
+    assert spec.propose(1, [7], passage[:12], 16) == passage[12:24]

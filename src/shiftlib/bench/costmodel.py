@@ -120,24 +120,37 @@ def _decode_ms(engine, batch: int, context: int, steps: int, vocab: int, rng, ma
     return 1000 * _median_tail(times, 2)
 
 
-def _prefill_ms(engine, tokens: int, context: int, vocab: int, rng, repeats: int = 3) -> float:
-    """Median time of a step that prefills ``tokens`` tokens made of prompts of at most ``context`` tokens each."""
+def _steady_ms(engine, lengths: list[int], shape: tuple[int, int], vocab: int, rng, steps: int = 6) -> float:
+    """Median period of ``steps`` equal steps, each prefilling new prompts of ``lengths`` tokens beside whatever
+    decodes, whose ``(num_tokens, num_seqs)`` is ``shape``.
+
+    The engine reads a step's tokens while the next one runs, so a step's ``seconds`` is the wall time of a later
+    call: only in a run of equal steps is that the step's own time.
+    """
     from shiftlib import SamplingParams
 
-    lengths = [context] * (tokens // context) + ([tokens % context] if tokens % context else [])
-    times = []
-    for _ in range(repeats):
-        ids = [
-            engine.add_request(_prompt(rng, n, vocab), SamplingParams(max_new_tokens=1, ignore_eos=True))
-            for n in lengths
-        ]
-        engine.stats.clear()
-        while engine.has_unfinished:
-            engine.step()
-        for i in ids:
-            engine.completion(i)
-        times += [s.seconds for s in engine.stats if s.num_tokens == tokens]
+    one = SamplingParams(max_new_tokens=1, ignore_eos=True)
+    ids: list[int] = []
+    engine.stats.clear()
+    for _ in range(steps):
+        ids += [engine.add_request(_prompt(rng, k, vocab), one) for k in lengths]
+        engine.step()
+    while any(engine.requests[i].finish_reason is None for i in ids):
+        engine.step()
+    for i in ids:
+        engine.completion(i)
+    times = [s.seconds for s in list(engine.stats)[:steps] if (s.num_tokens, s.num_seqs) == shape]
     return 1000 * _median_tail(times, 1)
+
+
+def _lengths(tokens: int, context: int) -> list[int]:
+    return [context] * (tokens // context) + ([tokens % context] if tokens % context else [])
+
+
+def _prefill_ms(engine, tokens: int, context: int, vocab: int, rng) -> float:
+    """Time of a step that prefills ``tokens`` tokens made of prompts of at most ``context`` tokens each."""
+    lengths = _lengths(tokens, context)
+    return _steady_ms(engine, lengths, (tokens, len(lengths)), vocab, rng)
 
 
 def _ttft_ms(engine, length: int, vocab: int, rng, repeats: int = 2) -> float:
@@ -153,9 +166,9 @@ def _ttft_ms(engine, length: int, vocab: int, rng, repeats: int = 2) -> float:
     return 1000 * min(out)
 
 
-def _mixed_ms(engine, batch: int, sizes: list[int], context: int, vocab: int, rng, repeats: int = 3) -> dict:
-    """Median time of steps that decode ``batch`` requests at about ``context`` tokens each and prefill n prompt
-    tokens (prompts of at most ``context``), for each n of ``sizes``: the steps of an engine under load."""
+def _mixed_ms(engine, batch: int, sizes: list[int], context: int, vocab: int, rng) -> dict:
+    """Time of steps that decode ``batch`` requests at about ``context`` tokens each and prefill n prompt tokens
+    (prompts of at most ``context``), for each n of ``sizes``: the steps of an engine under load."""
     from shiftlib import SamplingParams
 
     decoding = SamplingParams(max_new_tokens=MIXED_DECODE_TOKENS, ignore_eos=True)
@@ -165,17 +178,8 @@ def _mixed_ms(engine, batch: int, sizes: list[int], context: int, vocab: int, rn
         engine.step()  # until all of them decode
     out = {}
     for n in sizes:
-        lengths = [context] * (n // context) + ([n % context] if n % context else [])
-        engine.stats.clear()
-        for _ in range(repeats):
-            one = [engine.add_request(_prompt(rng, k, vocab), SamplingParams(max_new_tokens=1, ignore_eos=True))
-                   for k in lengths]  # fmt: skip
-            while any(engine.requests[i].finish_reason is None for i in one):
-                engine.step()
-            for i in one:
-                engine.completion(i)
-        times = [s.seconds for s in engine.stats if (s.num_tokens, s.num_seqs) == (batch + n, batch + len(lengths))]
-        out[str(n)] = round(1000 * _median_tail(times, 1), 4)
+        lengths = _lengths(n, context)
+        out[str(n)] = round(_steady_ms(engine, lengths, (batch + n, batch + len(lengths)), vocab, rng), 4)
     for i in ids:
         engine.abort(i)
     while engine.has_unfinished:
@@ -232,10 +236,12 @@ def measure(
             # of n tokens fit in it too. TTFT uses the benchmark's budget, with its chunked prefill.
             budget = max(max_num_tokens, max(batches) * context)
             longest = context + max(decode_steps, MIXED_DECODE_TOKENS) + 8
-            blocks = math.ceil((1.2 * max(batches) * longest + max(mixed_prefill, default=0)) / 16) + max(batches) + 8
+            # Room for the prompts of two steps besides the decodes: the one in flight and the one being scheduled.
+            prompts = 2 * max(mixed_prefill + prefill_tokens)
+            blocks = math.ceil((1.2 * max(batches) * longest + prompts) / 16) + max(batches) + 8
             engine = shiftlib.Engine(
                 model, num_blocks=blocks, block_size=16, max_num_tokens=budget, mode="tp",
-                max_num_seqs=max(batches) + math.ceil(max(mixed_prefill, default=0) / context),  # the mixed steps' too
+                max_num_seqs=max(batches) + math.ceil(prompts / context) + 2,
             )  # fmt: skip
             rng = torch.Generator().manual_seed(seed)
             run = dict(layers=L, p=p, weights_bytes=weight_bytes(cfg)["total"], decode_ms={}, prefill_ms={},

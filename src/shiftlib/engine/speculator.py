@@ -192,7 +192,9 @@ class SuffixSpeculator:
         min_prob: a draft stops before a token whose estimated probability falls below it.
         max_batch: no drafts in a step of more requests, running and waiting (verification would then cost
             more than it saves).
-        max_cached: finished responses kept in the global index (``0`` disables it).
+        max_cached: finished responses kept in the global index (``0`` disables it). A response that ends while
+            the engine is too busy to draft is not kept: indexing it costs host time (about 1 ms per 500 tokens)
+            in steps that the host bounds.
     """
 
     def __init__(self, num_speculative_tokens: int = 16, max_batch: int = 32, max_depth: int = 64,
@@ -207,12 +209,14 @@ class SuffixSpeculator:
         self.responses = SuffixIndex()
         self.cached: deque[int] = deque()
         self.matched: dict[int, tuple[int, int, int, int]] = {}  # key -> the index version, tokens seen, match
+        self.busy = False  # the latest step had more than max_batch requests
 
     def wants(self, scheduler: Scheduler, in_flight: bool) -> bool:
         """Whether the next step should draft, giving up the engine's overlapped loop for it: not in a step of
         more than ``max_batch`` requests, nor while a step is in flight unless some request's tokens read so
         far (all but the one in flight) already have a draft."""
-        if min(len(scheduler.running) + len(scheduler.waiting), scheduler.max_num_seqs) > self.max_batch:
+        self.busy = min(len(scheduler.running) + len(scheduler.waiting), scheduler.max_num_seqs) > self.max_batch
+        if self.busy:
             return False
         return not in_flight or any(s.output and self.propose(s.id, s.prompt, s.output, 1) for s in scheduler.running)
 
@@ -249,7 +253,7 @@ class SuffixSpeculator:
         """A request ended: drop its own index, keep its response for later requests."""
         self.local.pop(key, None)
         self.matched.pop(key, None)
-        if self.max_cached and output:
+        if self.max_cached and output and not self.busy:
             self.responses.extend(key, output)
             self.cached.append(key)
             if len(self.cached) > self.max_cached:
