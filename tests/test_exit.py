@@ -106,7 +106,8 @@ def test_a_rank_that_fails_mid_generation_stops_every_other_rank_within_seconds(
 
 
 def test_torchrun_names_the_rank_that_failed_first(tmp_path):
-    two_ranks = ["generate", "--model", "tiny", "--tp", "2", "--prompt", "Shift parallelism is", "--max-new-tokens", "200"]
+    two_ranks = ["generate", "--model", "tiny", "--tp", "2", "--prompt", "Shift parallelism is",
+                 "--max-new-tokens", "200"]
     run = _torchrun(2, ["kill", "20", "--", *two_ranks], _env(SHIFTLIB_HOME=str(tmp_path)),
                     script=[str(HERE / "rank_fault.py")])
     assert run.returncode != 0

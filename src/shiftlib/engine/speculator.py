@@ -214,7 +214,8 @@ class SuffixSpeculator:
     def wants(self, scheduler: Scheduler, in_flight: bool) -> bool:
         """Whether the next step should draft, giving up the engine's overlapped loop for it: not in a step of
         more than ``max_batch`` requests, nor while a step is in flight unless some request's tokens read so
-        far (all but the one in flight) already have a draft."""
+        far (all but the one in flight) already have a draft. Records whether the step is over ``max_batch``
+        (:meth:`finish` reads it)."""
         self.busy = min(len(scheduler.running) + len(scheduler.waiting), scheduler.max_num_seqs) > self.max_batch
         if self.busy:
             return False
