@@ -39,6 +39,7 @@ import torch
 from shiftlib.bench import simulate
 from shiftlib.bench.metrics import RequestRecord, summarize
 from shiftlib.engine.engine import Engine
+from shiftlib.engine.runner import mixed_graph_tokens
 
 # (bytes, ms) on 2 x H200, DESIGN.md.
 ALL_REDUCE_2XH200 = ((1 * 4096 * 2, 0.034), (8192 * 4096 * 2, 0.27), (32768 * 4096 * 2, 0.97))
@@ -235,13 +236,14 @@ def measure(
             # decode together from the next step on (no mixed prefill + decode steps in between); prefill steps
             # of n tokens fit in it too. TTFT uses the benchmark's budget, with its chunked prefill.
             budget = max(max_num_tokens, max(batches) * context)
+            graphs = mixed_graph_tokens(p, max_num_tokens)  # as many as an engine on p ranks replays
             longest = context + max(decode_steps, MIXED_DECODE_TOKENS) + 8
             # Room for the prompts of two steps besides the decodes: the one in flight and the one being scheduled.
             prompts = 2 * max(mixed_prefill + prefill_tokens)
             blocks = math.ceil((1.2 * max(batches) * longest + prompts) / 16) + max(batches) + 8
             engine = shiftlib.Engine(
                 model, num_blocks=blocks, block_size=16, max_num_tokens=budget, mode="tp",
-                max_num_seqs=max(batches) + math.ceil(prompts / context) + 2,
+                max_num_seqs=max(batches) + math.ceil(prompts / context) + 2, mixed_graph_tokens=graphs,
             )  # fmt: skip
             rng = torch.Generator().manual_seed(seed)
             run = dict(layers=L, p=p, weights_bytes=weight_bytes(cfg)["total"], decode_ms={}, prefill_ms={},
@@ -264,6 +266,7 @@ def measure(
                     max_num_tokens=max_num_tokens,
                     max_num_seqs=4,
                     mode="tp",
+                    mixed_graph_tokens=graphs,
                 )
                 for n in long_prompts:
                     run["ttft_ms"][str(n)] = round(_ttft_ms(engine, n, cfg.vocab_size, rng), 4)

@@ -13,7 +13,7 @@ from torch import nn
 from shiftlib.cache import BlockAllocator
 from shiftlib.engine.failure import Failure
 from shiftlib.engine.memory import kv_cache
-from shiftlib.engine.runner import GRAPH_BUCKETS, Runner
+from shiftlib.engine.runner import GRAPH_BUCKETS, Runner, mixed_graph_tokens as default_mixed_tokens
 from shiftlib.engine.inflight import InFlight
 from shiftlib.engine.sampler import Logprobs, SamplingParams, ban_stops, eos_ids, sample
 from shiftlib.engine.scheduler import Scheduler, StepPlan
@@ -80,8 +80,8 @@ class Engine:
         cuda_graphs: replay decode steps as CUDA graphs, one per mode and batch bucket, captured here; default on
             GPU. On CPU, ``True`` runs the graphs' static-buffer path without capture (for tests).
         max_graph_batch: the largest decode batch that gets a graph; larger ones run eagerly.
-        mixed_graph_tokens: mixed and prefill steps of up to this many tokens replay graphs too (0: none): small
-            steps are launch-bound (a 512-token prefill, H200: 13 ms of GPU work, 25-50 ms eager), large ones not.
+        mixed_graph_tokens: mixed and prefill steps of up to this many tokens replay graphs too (0: none); default
+            the whole budget on several ranks, 1,024 tokens on one (:func:`shiftlib.engine.runner.mixed_graph_tokens`).
         enable_prefix_caching: reuse the cached K/V of full blocks that a request's prefix shares with earlier
             requests (:mod:`shiftlib.engine.prefix_cache`); the tokens are the same either way.
         speculative: ``"suffix"`` drafts tokens from the prompt and earlier responses (SuffixDecoding) and
@@ -114,7 +114,7 @@ class Engine:
         memory_fraction: float = 0.9,
         cuda_graphs: bool | None = None,
         max_graph_batch: int = 256,
-        mixed_graph_tokens: int = 1024,
+        mixed_graph_tokens: int | None = None,
         enable_prefix_caching: bool = True,
         speculative: str | None = None,
         num_speculative_tokens: int = 16,
@@ -130,13 +130,15 @@ class Engine:
             self._context_why = " (LongRoPE switches every request of a step to its long factors past this length)"
         # Dynamic-NTK and LongRoPE compare the positions with a length on the host: not capturable.
         graphs = mesh.device.type == "cuda" and rope.get("rope_type") not in ("dynamic", "longrope") if cuda_graphs is None else cuda_graphs
-        rows = sum(b for b in GRAPH_BUCKETS if b <= max_graph_batch) + (max_num_seqs if mixed_graph_tokens else 0)
+        mixed = min(max_num_tokens, default_mixed_tokens(mesh.world, max_num_tokens) if mixed_graph_tokens is None
+                    else mixed_graph_tokens)
+        rows = sum(b for b in GRAPH_BUCKETS if b <= max_graph_batch) + (max_num_seqs if mixed else 0)
         self.cache = kv_cache(model, self.shift, num_blocks, block_size, memory_fraction, max_num_tokens, max_num_seqs,
                               rows if graphs else 0)
         self.scheduler = Scheduler(BlockAllocator(self.cache.num_blocks), block_size, max_num_tokens, max_num_seqs,
                                    max_prefill_tokens, enable_prefix_caching)
         self.runner = Runner(model, self.shift, self.cache, self.max_context, graphs, max_graph_batch,
-                             min(mixed_graph_tokens, max_num_tokens), max_num_seqs)
+                             mixed, max_num_seqs)
         self.stop_ids = eos_ids(model)
         self.speculator = speculator(speculative, num_speculative_tokens, speculative_max_batch)
         self.stats: deque[StepStats] = deque(maxlen=STATS_KEPT)

@@ -6,12 +6,8 @@ cache's trash slot and attend to nothing. SP-mode buckets are multiples of ``sp`
 a graph. Mixed and prefill steps run eagerly unless ``max_mixed_tokens`` is set: then those up to that size
 replay graphs per (mode, token bucket), in which the decode kernel takes the step's decodes and the varlen
 prefill kernel the other sequences, both over a fixed number of sequence slots
-(:func:`shiftlib.paged_attention.attend`). On one H200 at P = 1 that does not pay: the eager launches of a
-2,300-token step leave the GPU idle ~10 ms of 63, but such steps run at the power cap (SM clock ~1,670 MHz, not
-1,980), so with no idle time the kernels ran slower (GEMMs 42.8 against 38.1 ms a step) and the graphs came out
-2-4 % behind. Where the launches bound a step (P > 1 shards the GEMMs, not the launches) they may pay. On CPU
-the same static paths run without capture when asked for, which is how the tests check the graphs' padding and
-buffers.
+(:func:`shiftlib.paged_attention.attend`); :func:`mixed_graph_tokens` picks the size. On CPU the same static
+paths run without capture when asked for, which is how the tests check the graphs' padding and buffers.
 """
 
 from __future__ import annotations
@@ -29,6 +25,16 @@ from shiftlib.paged_attention import AttentionBatch
 
 GRAPH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256, 320, 384, 448, 512)
 MIXED_STEP = 128  # token buckets of mixed-step graphs: multiples of this (and 16, 32, 64 below it)
+
+
+def mixed_graph_tokens(world: int, max_num_tokens: int) -> int:
+    """The engine's default largest mixed step that replays a graph. An eager step costs ~0.6 ms of host time per
+    layer (the compiled pieces' guards and wrappers, :mod:`shiftlib.modules.fused`), whatever its size. On one H200
+    at P = 1 (8B shape, 32 layers) a step over 1,024 tokens has more GPU work than that, and it runs at the power
+    cap: the graphs' lack of idle time slowed the kernels (2,048 tokens: 53.8 ms as a graph, 43.4 eager). Each rank
+    at P > 1 holds a shard of the GEMMs but all the launches: its 1/8 slice took 36.4 ms eager for a 2,048-token
+    step against 8.2 as a graph (4,096: 38.4 against 14.9), so there every step of the budget replays one."""
+    return max_num_tokens if world > 1 else min(1024, max_num_tokens)
 
 
 class Runner:
