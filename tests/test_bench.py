@@ -281,6 +281,17 @@ def test_cost_model_splits_layers_and_predicts_a_switch_point(tmp_path: Path) ->
     assert all(p.stat().st_size > 10_000 for p in costmodel.plot([pred], tmp_path))
 
 
+def test_a_layer_never_costs_less_for_more_tokens_when_the_host_bounds_the_shallow_run() -> None:
+    meas = _synthetic_measurement()
+    shallow = next(r for r in meas["runs"] if (r["layers"], r["p"]) == (16, 8))
+    deep = next(r for r in meas["runs"] if (r["layers"], r["p"]) == (32, 8))
+    shallow["decode_ms"]["256"] = deep["decode_ms"]["256"] + 1.0  # the 16-layer step waited on the host
+    model = costmodel.CostModel(meas, layers=80)
+    per_layer = dict(model.slices[8].per_layer["decode"])
+    assert per_layer[256.0] == per_layer[64.0] > 0
+    assert model.compute(8, "decode", 256) >= model.compute(8, "decode", 64)
+
+
 def test_collective_times_follow_the_two_gpu_figures_and_scale_with_ring_bytes() -> None:
     comm = costmodel.Comm()
     assert math.isclose(comm.all_reduce(8192 * 4096 * 2, 2), 0.27)
