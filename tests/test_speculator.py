@@ -127,3 +127,27 @@ def test_responses_that_end_while_the_engine_is_too_busy_to_draft_are_not_indexe
     assert spec.wants(load, in_flight=False)
     spec.finish(0, passage)  # two: both again
     assert spec.propose(1, [7], passage[:12], 16) == passage[12:24]
+
+
+def test_a_step_drafts_only_when_its_drafts_are_worth_the_overlap_it_gives_up():
+    passage = list(range(100, 140))
+
+    def decoding(i: int, context: list[int]) -> Sequence:
+        seq = Sequence(i, context[:-1], SamplingParams(max_new_tokens=64), None)
+        seq.output, seq.num_cached = context[-1:], len(context) - 1  # the last token pending
+        return seq
+
+    spec = SuffixSpeculator(max_batch=128, min_gain=0.5)
+    repeats = [decoding(i, passage * 2) for i in range(2)]  # drafts of 16 likely tokens each
+    novel = [decoding(10 + i, [1000 + 50 * i + t for t in range(40)]) for i in range(80)]  # nothing to match
+    assert spec.draft(repeats + novel[:4], 4096) and all(len(s.draft) == 16 for s in repeats)  # ~32 for 6
+    load = SimpleNamespace(running=repeats + novel, waiting=[], max_num_seqs=128)
+    assert not spec.draft(load.running, 4096) and not any(s.draft for s in load.running)  # ~32 for 82
+    # While a step is in flight the next look comes after 1, then 2, 4, 8 steps: a batch that gains nothing
+    # seldom pays for the search.
+    answers = [(spec.wants(load, in_flight=True), spec.wait) for _ in range(12)]
+    assert answers == [(False, w) for w in (0, 2, 1, 0, 4, 3, 2, 1, 0, 8, 7, 6)]
+    assert spec.wants(load, in_flight=False)  # no step in flight: no overlap to give up
+    load.running = repeats
+    assert [spec.wants(load, in_flight=True) for _ in range(7)] == [False] * 6 + [True]
+    assert spec.wants(load, in_flight=True)  # worth it: looked for at every step again

@@ -195,47 +195,74 @@ class SuffixSpeculator:
         max_cached: finished responses kept in the global index (``0`` disables it). A response that ends while
             the engine is too busy to draft is not kept: indexing it costs host time (about 1 ms per 500 tokens)
             in steps that the host bounds.
+        min_gain: a step drafts only if its drafts are expected to add at least this many tokens per running
+            request (a draft's score is the sum of its tokens' estimated probabilities), since it gives up the
+            engine's overlap of host and GPU work: where the host's part of a step is as long as the GPU's (a
+            135M model), a drafting step costs up to twice a plain one.
     """
 
     def __init__(self, num_speculative_tokens: int = 16, max_batch: int = 32, max_depth: int = 64,
-                 min_prob: float = 0.1, max_cached: int = 1024) -> None:  # fmt: skip
+                 min_prob: float = 0.1, max_cached: int = 1024, min_gain: float = 0.5) -> None:  # fmt: skip
         if num_speculative_tokens < 1:
             raise ValueError(f"num_speculative_tokens must be >= 1, got {num_speculative_tokens}")
         if not 0 < min_prob <= 1:
             raise ValueError(f"min_prob must be in (0, 1], got {min_prob}")
         self.num_speculative_tokens, self.max_depth, self.min_prob = num_speculative_tokens, max_depth, min_prob
-        self.max_cached, self.max_batch = max_cached, max_batch
+        self.max_cached, self.max_batch, self.min_gain = max_cached, max_batch, min_gain
         self.local: dict[int, SuffixIndex] = {}
         self.responses = SuffixIndex()
         self.cached: deque[int] = deque()
         self.matched: dict[int, tuple[int, int, int, int]] = {}  # key -> the index version, tokens seen, match
         self.busy = False  # the latest step had more than max_batch requests
+        self.wait, self.backoff = 0, 1  # steps until wants looks again, after drafts that were not worth it
 
     def wants(self, scheduler: Scheduler, in_flight: bool) -> bool:
         """Whether the next step should draft, giving up the engine's overlapped loop for it: not in a step of
-        more than ``max_batch`` requests, nor while a step is in flight unless some request's tokens read so
-        far (all but the one in flight) already have a draft. Records whether the step is over ``max_batch``
-        (:meth:`finish` reads it)."""
+        more than ``max_batch`` requests, nor while a step is in flight unless the drafts of the tokens read so far
+        (all but the one in flight) are worth it (``min_gain``). Drafts that were not worth it are looked for again
+        after 1, 2, 4 ... 16 steps, so a batch that gains nothing does not pay for the search every step. Records
+        whether the step is over ``max_batch`` (:meth:`finish` reads it)."""
         self.busy = min(len(scheduler.running) + len(scheduler.waiting), scheduler.max_num_seqs) > self.max_batch
-        if self.busy:
+        if self.busy or not in_flight:
+            return not self.busy
+        if self.wait:
+            self.wait -= 1
             return False
-        return not in_flight or any(s.output and self.propose(s.id, s.prompt, s.output, 1) for s in scheduler.running)
+        gain = sum(self._best(s.id, s.prompt, s.output, self.num_speculative_tokens)[0]
+                   for s in scheduler.running if s.output)  # fmt: skip
+        return self._worth(gain, len(scheduler.running))
+
+    def _worth(self, gain: float, batch: int) -> bool:
+        if gain >= self.min_gain * batch:
+            self.backoff = 1
+            return True
+        self.wait, self.backoff = self.backoff, min(2 * self.backoff, 16)
+        return False
 
     def draft(self, running: list[Sequence], max_context: int, max_rows: int | None = None) -> bool:
         """Set the draft of every running request, and say whether any got one: none while it prefills;
-        never past ``max_new_tokens`` (the draft and the token after it) or the model's context. ``max_rows``:
-        the largest decode step that replays a CUDA graph; drafts are cut to keep the step within it, since
-        one row more runs the step eagerly (at batch 64 on an H200: 4.7-8.1x the cost of a decode step)."""
-        per = draft_limit(len(running), self.num_speculative_tokens, max_rows)
+        never past ``max_new_tokens`` (the draft and the token after it) or the model's context; none at all
+        where they are not worth the overlap (``min_gain``). ``max_rows``: the largest decode step that replays
+        a CUDA graph; drafts are cut to keep the step within it, since one row more runs the step eagerly (at
+        batch 64 on an H200: 4.7-8.1x the cost of a decode step)."""
+        per, gain = draft_limit(len(running), self.num_speculative_tokens, max_rows), 0.0
         for seq in running:
             left = min(seq.params.max_new_tokens - len(seq.output) - 1, max_context - seq.num_tokens, per)
-            seq.draft = self.propose(seq.id, seq.prompt, seq.output, left) if seq.pending == 1 else []
+            score, seq.draft = self._best(seq.id, seq.prompt, seq.output, left) if seq.pending == 1 else (0.0, [])
+            gain += score
+        if not self._worth(gain, len(running)):
+            for seq in running:
+                seq.draft = []
         return any(seq.draft for seq in running)
 
     def propose(self, key: int, prompt: list[int], output: list[int], limit: int) -> list[int]:
         """Draft at most ``limit`` tokens to follow the request's ``prompt + output``."""
+        return self._best(key, prompt, output, limit)[1]
+
+    def _best(self, key: int, prompt: list[int], output: list[int], limit: int) -> tuple[float, list[int]]:
+        """:meth:`propose`'s draft and its score: the expected number of its tokens the target accepts."""
         if limit < 1:
-            return []
+            return 0.0, []
         local = self.local.get(key) or self.local.setdefault(key, SuffixIndex())
         local.extend(0, _tokens_from(prompt, output, len(local.ends.get(0, ()))))
         limit = min(limit, self.num_speculative_tokens)
@@ -248,7 +275,7 @@ class SuffixSpeculator:
             v, m = index.match(_tokens_from(prompt, output, seen), v, m)
             self.matched[key] = (index.version, n, v, m)
             best = index.draft(v, min(m, self.max_depth), limit, self.min_prob, best)
-        return best[1]
+        return best
 
     def finish(self, key: int, output: list[int]) -> None:
         """A request ended: drop its own index, keep its response for later requests."""
