@@ -130,15 +130,13 @@ class Engine:
             self._context_why = " (LongRoPE switches every request of a step to its long factors past this length)"
         # Dynamic-NTK and LongRoPE compare the positions with a length on the host: not capturable.
         graphs = mesh.device.type == "cuda" and rope.get("rope_type") not in ("dynamic", "longrope") if cuda_graphs is None else cuda_graphs
-        mixed = min(max_num_tokens, default_mixed_tokens(mesh.world, max_num_tokens) if mixed_graph_tokens is None
-                    else mixed_graph_tokens)
+        mixed = default_mixed_tokens(mesh.world, max_num_tokens, mixed_graph_tokens)
         rows = sum(b for b in GRAPH_BUCKETS if b <= max_graph_batch) + (max_num_seqs if mixed else 0)
         self.cache = kv_cache(model, self.shift, num_blocks, block_size, memory_fraction, max_num_tokens, max_num_seqs,
                               rows if graphs else 0)
         self.scheduler = Scheduler(BlockAllocator(self.cache.num_blocks), block_size, max_num_tokens, max_num_seqs,
                                    max_prefill_tokens, enable_prefix_caching)
-        self.runner = Runner(model, self.shift, self.cache, self.max_context, graphs, max_graph_batch,
-                             mixed, max_num_seqs)
+        self.runner = Runner(model, self.shift, self.cache, self.max_context, graphs, max_graph_batch, mixed, max_num_seqs)
         self.stop_ids = eos_ids(model)
         self.speculator = speculator(speculative, num_speculative_tokens, speculative_max_batch)
         self.stats: deque[StepStats] = deque(maxlen=STATS_KEPT)

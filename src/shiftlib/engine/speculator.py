@@ -207,6 +207,8 @@ class SuffixSpeculator:
             raise ValueError(f"num_speculative_tokens must be >= 1, got {num_speculative_tokens}")
         if not 0 < min_prob <= 1:
             raise ValueError(f"min_prob must be in (0, 1], got {min_prob}")
+        if min_gain < 0:
+            raise ValueError(f"min_gain must be >= 0, got {min_gain}")
         self.num_speculative_tokens, self.max_depth, self.min_prob = num_speculative_tokens, max_depth, min_prob
         self.max_cached, self.max_batch, self.min_gain = max_cached, max_batch, min_gain
         self.local: dict[int, SuffixIndex] = {}
