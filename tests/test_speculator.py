@@ -151,3 +151,14 @@ def test_a_step_drafts_only_when_its_drafts_are_worth_the_overlap_it_gives_up():
     load.running = repeats
     assert [spec.wants(load, in_flight=True) for _ in range(7)] == [False] * 6 + [True]
     assert spec.wants(load, in_flight=True)  # worth it: looked for at every step again
+
+
+def test_bad_speculator_settings_say_which_and_why():
+    for kwargs, message in ((dict(num_speculative_tokens=0), "num_speculative_tokens must be >= 1"),
+                            (dict(min_prob=0), "min_prob must be in (0, 1]"), (dict(min_gain=-1), "min_gain must be >= 0")):
+        try:
+            SuffixSpeculator(**kwargs)
+        except ValueError as e:
+            assert message in str(e)
+        else:
+            raise AssertionError(f"{kwargs} was accepted")
