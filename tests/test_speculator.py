@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -153,12 +154,9 @@ def test_a_step_drafts_only_when_its_drafts_are_worth_the_overlap_it_gives_up():
     assert spec.wants(load, in_flight=True)  # worth it: looked for at every step again
 
 
-def test_bad_speculator_settings_say_which_and_why():
-    for kwargs, message in ((dict(num_speculative_tokens=0), "num_speculative_tokens must be >= 1"),
-                            (dict(min_prob=0), "min_prob must be in (0, 1]"), (dict(min_gain=-1), "min_gain must be >= 0")):
-        try:
-            SuffixSpeculator(**kwargs)
-        except ValueError as e:
-            assert message in str(e)
-        else:
-            raise AssertionError(f"{kwargs} was accepted")
+@pytest.mark.parametrize("kwargs, message", [(dict(num_speculative_tokens=0), r"num_speculative_tokens must be >= 1"),
+                                             (dict(min_prob=0), r"min_prob must be in \(0, 1\]"),
+                                             (dict(min_gain=-1), r"min_gain must be >= 0")])
+def test_bad_speculator_settings_say_which_and_why(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        SuffixSpeculator(**kwargs)
