@@ -382,15 +382,13 @@ COMMANDS = {
 PLUGINS = {"bench": "shiftlib.bench.cli", "serve": "shiftlib.serve.cli"}
 
 
-def build_parser(command: str | None = None) -> argparse.ArgumentParser:
-    """All commands; for ``command``, one of the built-in ones, the plugins are left out (their imports take a
-    second per process, which every rank of a launch pays)."""
+def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="shiftlib", description="Shift Parallelism inference: TP for small batches, SP x TP for "
                                                   "large ones, over one set of weights and one KV cache.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     for name, (help_text, add) in COMMANDS.items():
         add(sub.add_parser(name, help=help_text, description=help_text))
-    for name, module in PLUGINS.items() if command not in COMMANDS else ():
+    for name, module in PLUGINS.items():
         try:
             plugin = importlib.import_module(module)
         except ModuleNotFoundError as e:
@@ -418,7 +416,7 @@ def main(argv: list[str] | None = None) -> int:
     owns_group = not _dist_initialized()  # a caller's process group (e.g. in tests) is left alone
     try:
         argv = sys.argv[1:] if argv is None else list(argv)
-        args = build_parser(argv[0] if argv else None).parse_args(argv)
+        args = build_parser().parse_args(argv)
         args.argv = argv  # what was asked for, recorded by the benchmarks
         code, orderly = args.func(args), True
     except UserError as e:
