@@ -402,6 +402,14 @@ def _static_decode(tp: int, sp: int) -> bool:
     return got == [hf_greedy("qwen2", p, NEW)[: NEW - 3 * i] for i, p in enumerate(ps)]
 
 
+def test_mixed_steps_replay_graphs_up_to_1024_tokens_on_one_rank_and_the_whole_budget_on_several():
+    from shiftlib.engine.runner import mixed_graph_tokens
+
+    assert [mixed_graph_tokens(world, 4096) for world in (1, 2, 8)] == [1024, 4096, 4096]
+    assert mixed_graph_tokens(1, 512) == 512 and mixed_graph_tokens(8, 4096, 0) == 0  # asked for: none
+    assert mixed_graph_tokens(2, 2048, 8192) == 2048  # never past the step's budget
+
+
 def test_graph_buffers_and_padding_give_hugging_face_tokens(ranks):
     assert all(ranks(2).run(_static_decode, 1, 2))
     assert all(ranks(2).run(_static_decode, 2, 1))
