@@ -121,9 +121,9 @@ def _decode_ms(engine, batch: int, context: int, steps: int, vocab: int, rng, ma
     return 1000 * _median_tail(times, 2)
 
 
-def _steady_ms(engine, lengths: list[int], shape: tuple[int, int], vocab: int, rng, steps: int = 6) -> float:
-    """Median period of ``steps`` equal steps, each prefilling new prompts of ``lengths`` tokens beside whatever
-    decodes, whose ``(num_tokens, num_seqs)`` is ``shape``.
+def _steady_ms(engine, lengths: list[int], decodes: int, vocab: int, rng, steps: int = 6) -> float:
+    """Median period of ``steps`` equal steps, each prefilling new prompts of ``lengths`` tokens beside the
+    ``decodes`` requests that decode.
 
     The engine reads a step's tokens while the next one runs, so a step's ``seconds`` is the wall time of a later
     call: only in a run of equal steps is that the step's own time.
@@ -140,6 +140,7 @@ def _steady_ms(engine, lengths: list[int], shape: tuple[int, int], vocab: int, r
         engine.step()
     for i in ids:
         engine.completion(i)
+    shape = (decodes + sum(lengths), decodes + len(lengths))
     times = [s.seconds for s in list(engine.stats)[:steps] if (s.num_tokens, s.num_seqs) == shape]
     return 1000 * _median_tail(times, 1)
 
@@ -150,8 +151,7 @@ def _lengths(tokens: int, context: int) -> list[int]:
 
 def _prefill_ms(engine, tokens: int, context: int, vocab: int, rng) -> float:
     """Time of a step that prefills ``tokens`` tokens made of prompts of at most ``context`` tokens each."""
-    lengths = _lengths(tokens, context)
-    return _steady_ms(engine, lengths, (tokens, len(lengths)), vocab, rng)
+    return _steady_ms(engine, _lengths(tokens, context), 0, vocab, rng)
 
 
 def _ttft_ms(engine, length: int, vocab: int, rng, repeats: int = 2) -> float:
@@ -179,8 +179,7 @@ def _mixed_ms(engine, batch: int, sizes: list[int], context: int, vocab: int, rn
         engine.step()  # until all of them decode
     out = {}
     for n in sizes:
-        lengths = _lengths(n, context)
-        out[str(n)] = round(_steady_ms(engine, lengths, (batch + n, batch + len(lengths)), vocab, rng), 4)
+        out[str(n)] = round(_steady_ms(engine, _lengths(n, context), batch, vocab, rng), 4)
     for i in ids:
         engine.abort(i)
     while engine.has_unfinished:
