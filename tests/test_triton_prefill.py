@@ -7,6 +7,7 @@ block sizes are run-time arguments of the kernel, so each test sweeps them witho
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -80,12 +81,13 @@ def make_case(chunks, kv_heads, group, head_dim, block_size, dtype, seed=0, firs
     return (*dev, starts, lens)
 
 
-def run(case, block_size: int, scale: float, window: int | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The kernel's output and the reference, on the rows the sequences own."""
+def run(case, block_size: int, scale: float, window: int | None, long_tiles: bool = False):
+    """The kernel's output and the reference, on the rows the sequences own; ``long_tiles``: the tiles it takes
+    for contexts of 2,048 tokens and more, whatever these are."""
     q, kc, vc, bt, qpos, starts, lens = case
     qs = torch.tensor(starts, dtype=torch.int32, device=DEVICE)
     cl = torch.tensor(lens, dtype=torch.int32, device=DEVICE)
-    out = paged_prefill(q, kc, vc, bt, qs, cl, qpos, block_size, scale, window)
+    out = paged_prefill(q, kc, vc, bt, qs, cl, qpos, block_size, scale, window, max_context=4096 if long_tiles else None)
     ref = reference(q, kc, vc, bt, starts, lens, qpos, block_size, scale, window)
     return out[starts[0] : starts[-1]], ref[starts[0] : starts[-1]]
 
@@ -100,10 +102,11 @@ def check(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, what: str = 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("head_dim", [64, 128])
 @pytest.mark.parametrize("group", [1, 4, 8])
-def test_matches_reference(group: int, head_dim: int, dtype: torch.dtype):
+@pytest.mark.parametrize("long_tiles", [False, True])
+def test_matches_reference(long_tiles: bool, group: int, head_dim: int, dtype: torch.dtype):
     case = make_case(MIXED, 2, group, head_dim, 16, dtype)
     for window in WINDOWS:
-        check(*run(case, 16, head_dim**-0.5, window), dtype, f"window={window}")
+        check(*run(case, 16, head_dim**-0.5, window, long_tiles), dtype, f"window={window}")
 
 
 @pytest.mark.parametrize("block_size", [1, 2, 8, 32, 64, 256])
@@ -139,8 +142,8 @@ def test_offset_rows_and_strided_q():
 def test_one_long_chunk_after_long_prefix():
     """Many query tiles of one sequence over many key tiles: the unmasked middle, the diagonal, the window's tail."""
     case = make_case([(5000, 1500)], 8, 4, 128, 16, torch.bfloat16, seed=5)
-    for window in (None, 1000):
-        check(*run(case, 16, 128**-0.5, window), torch.bfloat16, f"window={window}")
+    for window, long_tiles in itertools.product((None, 1000), (False, True)):
+        check(*run(case, 16, 128**-0.5, window, long_tiles), torch.bfloat16, f"window={window}")
 
 
 @settings(max_examples=30, deadline=None)
@@ -149,11 +152,12 @@ def test_one_long_chunk_after_long_prefix():
     group=st.sampled_from([1, 3, 4, 8]),
     block_size=st.sampled_from([1, 4, 16, 64]),
     window=st.one_of(st.none(), st.integers(1, 800)),
+    long_tiles=st.booleans(),
     seed=st.integers(0, 2**16),
 )
-def test_random_mixes(chunks, group: int, block_size: int, window: int | None, seed: int):
+def test_random_mixes(chunks, group: int, block_size: int, window: int | None, long_tiles: bool, seed: int):
     case = make_case(chunks, 2, group, 128, block_size, torch.bfloat16, seed=seed)
-    check(*run(case, block_size, 128**-0.5, window), torch.bfloat16)
+    check(*run(case, block_size, 128**-0.5, window, long_tiles), torch.bfloat16)
 
 
 @pytest.mark.parametrize("window", [None, 48])
@@ -176,6 +180,24 @@ def test_attend_routes_prefill_through_the_kernel(window: int | None):
     ref = reference(q, kc, vc, bt, starts, lens, qpos, 16, 0.1, window)
     check(out[: starts[-1]], ref[: starts[-1]], torch.bfloat16)
     assert (out[starts[-1] :] == 0).all()
+
+
+@pytest.mark.parametrize("window", [None, 300])
+def test_a_long_whole_prompt_beside_decodes(window: int | None):
+    """Decodes and one whole prompt of 4,096 tokens: the prompt goes through SDPA on its own K/V (with a window,
+    through the kernel); both match the reference."""
+    q, kc, vc, bt, qpos, starts, lens = make_case([(40, 1), (999, 1), (0, 4096)], 2, 4, 128, 16, torch.bfloat16, seed=8)
+    own = torch.arange(starts[2], starts[3], device=DEVICE)
+    slots = bt[2, qpos[own] // 16].long() * 16 + qpos[own] % 16
+    batch = AttentionBatch(
+        query_pos=qpos, write_slots=torch.zeros_like(qpos), block_tables=bt, block_size=16,
+        context_lens=torch.tensor(lens, dtype=torch.int32, device=DEVICE), query_start=starts, context_lens_host=lens,
+        num_decodes=2,
+    )  # fmt: skip
+    k, v = (torch.zeros(q.shape[0], 2, 128, dtype=q.dtype, device=DEVICE) for _ in range(2))
+    k[own], v[own] = kc[slots], vc[slots]
+    out = attend(q, k, v, batch, (kc, vc), 0.1, window)
+    check(out, reference(q, kc, vc, bt, starts, lens, qpos, 16, 0.1, window), torch.bfloat16, f"window={window}")
 
 
 def test_fixed_shape_mixed_step_replays_in_a_cuda_graph():

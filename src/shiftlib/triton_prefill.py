@@ -12,6 +12,8 @@ dense copy first. This kernel reads K/V straight from the cache's blocks and ser
 * **GQA groups.** A program's rows are ``tile`` query tokens x the ``hq // hkv`` query heads of its KV head
   (the group padded to a power of two), so each K/V tile is loaded once per group, and a chunk of one token
   (a speculative verify row) still fills a tensor-core tile with its heads.
+* **Longest first.** Programs run a sequence's tiles from its last, which see the most keys, to its first, so
+  the short ones fill the GPU at the end instead of a few long ones running alone (5 % on a 4k-8k chunk).
 * **Masks only where needed.** Key tiles that every row sees whole (below the tile's first query, inside every
   row's window) run without the causal and window masks or load masks; only the tiles at the diagonal and at the
   window's trailing edge pay for them.
@@ -43,14 +45,18 @@ class PrefillConfig:
     num_stages: int = 3
 
 
-def default_config(q: torch.Tensor) -> PrefillConfig:
-    """Measured on an H200 (bf16, d = 128, 4 query heads per KV head): 128 rows x 32 keys, 4 warps, 3 stages came
-    within 2.5 % of the best of the sweep in examples/bench_triton_prefill.py on each of its three steps, and
-    10-35 % ahead of 128 x 64 with 8 warps. Wider rows (fp32, d = 256) take smaller tiles, so that the staged K/V
-    tiles and the Q tile still fit in shared memory and the fp32 accumulator in registers."""
+def default_config(q: torch.Tensor, max_context: int | None = None) -> PrefillConfig:
+    """Measured on an H200 (bf16, d = 128, 4 query heads per KV head; examples/bench_triton_prefill.py --sweep).
+    Short contexts: 128 rows x 32 keys, 4 warps, 3 stages, within 2.5 % of the best on 64 prompts of 512 tokens,
+    where 256 x 64 with 8 warps is 10 % slower (its diagonal tiles mask away more). From contexts of 2,048 tokens
+    on, 256 x 64 with 8 warps wins: 16 suffixes of 128 after 2,048 cached 6 % faster, 4,096 tokens after 28,672
+    12 %, 8,192 after 24,576 16 %. ``max_context`` is the step's longest context where the host knows it (eager steps);
+    a graph's fixed-shape step keeps the short-context choice. Wider rows (fp32, d = 256) take smaller tiles, so
+    that the staged K/V tiles and the Q tile still fit in shared memory and the fp32 accumulator in registers."""
     row_bytes = q.element_size() * q.shape[-1]
     if row_bytes <= 256:
-        return PrefillConfig()
+        long = max_context is not None and max_context >= 2048
+        return PrefillConfig(256, 64, 8, 3) if long else PrefillConfig()
     if row_bytes <= 512:
         return PrefillConfig(block_m=64, block_n=32, num_warps=4, num_stages=2)
     return PrefillConfig(block_m=32, block_n=32, num_warps=4, num_stages=2)
@@ -144,7 +150,7 @@ if triton is not None:
         GP: tl.constexpr, BLOCK_Q: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
     ):  # fmt: skip
         BLOCK_M: tl.constexpr = GP * BLOCK_Q
-        t = tl.program_id(0)
+        t = tl.num_programs(0) - 1 - tl.program_id(0)  # a sequence's last tiles, the longest, start first
         kvh = tl.program_id(1)
         q_base = tl.load(QS)
         b = _find_sequence(QS, t, q_base, num_seqs, BLOCK_Q)
@@ -213,6 +219,7 @@ def paged_prefill(
     window: int | None,
     *,
     config: PrefillConfig | None = None,
+    max_context: int | None = None,
 ) -> torch.Tensor:
     """Causal attention of every sequence's query rows over its paged context; ``(N, hq, d)`` in ``q``'s dtype.
 
@@ -220,7 +227,8 @@ def paged_prefill(
     need not start at 0) and context indices ``[0, context_lens[b])``, the step's own K/V already in the cache.
     Row ``r`` is context index ``query_pos[r]`` and sees the keys ``<= query_pos[r]``, and with a ``window`` only
     those ``> query_pos[r] - window``. Rows outside ``query_start[0]:query_start[-1]`` are left unwritten.
-    Only static shapes steer the launch: the call never waits for the device.
+    Only static shapes and ``max_context`` (the longest context, if the caller knows it: it picks the tiles)
+    steer the launch: the call never waits for the device.
     """
     if triton is None:
         raise RuntimeError("paged_prefill needs Triton, which is not installed")
@@ -245,7 +253,7 @@ def paged_prefill(
     out = torch.empty((rows, hq, d), dtype=q.dtype, device=q.device)
     if rows == 0 or seqs == 0:
         return out
-    cfg = config or default_config(q)
+    cfg = config or default_config(q, max_context)
     group = hq // hkv
     gp = _pow2(group)
     block_q = max(cfg.block_m, gp, 16) // gp
