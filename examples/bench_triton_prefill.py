@@ -1,8 +1,9 @@
 """Micro-benchmark of the prefill attention of one step: the Triton varlen kernel against SDPA per sequence.
 
-Llama-3.1-8B attention shapes on one rank (32 query heads, 8 KV heads, head_dim 128, bf16, block 16), three steps:
+Llama-3.1-8B attention shapes on one rank (32 query heads, 8 KV heads, head_dim 128, bf16, block 16), four steps:
 (a) 16 sequences of 128 new tokens after 2,048 cached, (b) 64 whole prompts of 512 tokens, (c) one 8,192-token
-chunk after 24,576 cached. *old* is ``_attend_by_sequence`` (flash SDPA for a whole prompt, a masked gather of the
+chunk after 24,576 cached, (d) one 4,096-token chunk after 28,672 (a 32k prompt's last chunk at the default
+budget). The kernel runs with the tiles ``attend`` picks for the step's longest context. *old* is ``_attend_by_sequence`` (flash SDPA for a whole prompt, a masked gather of the
 context otherwise), *new* is ``attend`` on GPU (the kernel plus its row bookkeeping), *kernel* the bare call. Each
 is ``triton.testing.do_bench`` (L2 flushed, launch cost included). TFLOP/s counts the causal work only:
 4 x head_dim x q heads per visible (query, key) pair.
@@ -30,10 +31,11 @@ CASES = {  # name: (sequences, cached tokens each, new tokens each)
     "a_16x128_after_2048": (16, 2048, 128),
     "b_64x512_prompts": (64, 0, 512),
     "c_8192_after_24576": (1, 24576, 8192),
+    "d_4096_after_28672": (1, 28672, 4096),
 }
 SWEEP = [PrefillConfig(128, 32, 4, 3), PrefillConfig(128, 32, 4, 2), PrefillConfig(128, 32, 4, 4),
          PrefillConfig(128, 16, 4, 4), PrefillConfig(128, 64, 4, 3), PrefillConfig(256, 32, 8, 3),
-         PrefillConfig(128, 64, 8, 3)]  # fmt: skip
+         PrefillConfig(128, 64, 8, 3), PrefillConfig(256, 64, 8, 3), PrefillConfig(128, 128, 8, 3)]  # fmt: skip
 
 
 def make_step(seqs: int, cached: int, new: int, gen: torch.Generator):
@@ -92,7 +94,7 @@ def main() -> None:
         kernel_args = (q, kc, vc, batch.block_tables, qs, lens, batch.query_pos, BLOCK_SIZE, SCALE, None)
         t_old = bench(lambda: _attend_by_sequence(q, k, v, kc, vc, batch, SCALE, None, first=0))
         t_new = bench(lambda: attend(q, k, v, batch, (kc, vc), SCALE, None))
-        t_kernel = bench(lambda: paged_prefill(*kernel_args))
+        t_kernel = bench(lambda: paged_prefill(*kernel_args, max_context=cached + new))
         flops = causal_flops(seqs, cached, new)
         row = {
             "sequences": seqs, "cached": cached, "new": new, "causal_tflop": flops / 1e12,
@@ -100,7 +102,7 @@ def main() -> None:
             "old_tflops": flops / t_old / 1e9, "new_tflops": flops / t_new / 1e9,
             "kernel_tflops": flops / t_kernel / 1e9,
             "speedup": t_old / t_new, "max_abs_diff_vs_old": (out.float() - old.float()).abs().max().item(),
-            "config": str(default_config(q)),
+            "config": str(default_config(q, cached + new)),
         }  # fmt: skip
         print(
             f"{name:>22} {t_old:>8.3f} {row['old_tflops']:>6.0f} {t_new:>8.3f} {row['new_tflops']:>6.0f}"
