@@ -138,26 +138,34 @@ def _prefill_backend(q: torch.Tensor, block_size: int):
     return _attend_by_sequence
 
 
-# Whole prompts of at least this many tokens, the only sequences of a step's prefill part, go through SDPA on their
-# own K/V: its fused causal kernel ran a whole 8k prompt 1.45x and a 32k one 1.28x faster than the Triton kernel
-# on an H200 (examples/bench_triton_prefill.py). Below 4k the kernel's one call for every sequence wins.
+# Whole prompts of at least this many tokens go through SDPA on their own K/V when they are a step's only
+# prefills: on an H200 its cuDNN kernel ran causal attention of a whole 8k or 32k prompt at ~594 TFLOP/s, against
+# 395-458 for the Triton kernel (docs/engine.md, Long prefill). Below 4k the kernel's one call for all wins.
 SDPA_WHOLE_PROMPT = 4096
+
+
+def whole_prompts_only(batch: AttentionBatch, first: int, window: int | None) -> bool:
+    """Whether sequences ``first`` onwards (those with rows) are all whole prompts of ``SDPA_WHOLE_PROMPT``
+    tokens or more, with no window: SDPA's causal mask is right for them alone (it is aligned top-left, so a chunk
+    after a cached prefix would see the wrong keys)."""
+    qs = batch.query_start
+    live = [(qs[b + 1] - qs[b], n) for b, n in enumerate(batch.context_lens_host[first:], first) if qs[b + 1] > qs[b]]
+    return window is None and bool(live) and all(rows == n >= SDPA_WHOLE_PROMPT for rows, n in live)
 
 
 def _attend_prefill_kernel(
     q, k, v, k_store, v_store, batch: AttentionBatch, scale: float, window: int | None, first: int
 ) -> torch.Tensor:
-    """``_attend_by_sequence``'s contract in one Triton call. The kernel writes only the rows its sequences own,
-    so the rows before them and the padding after them are zeroed here."""
+    """``_attend_by_sequence``'s contract in one Triton call (or, for long whole prompts alone, SDPA). The kernel
+    writes only the rows its sequences own, so the rows before them and the padding after them are zeroed here."""
     from shiftlib.triton_prefill import paged_prefill
 
-    qs, lens = batch.query_start, batch.context_lens_host[first:]
-    live = [(qs[b + 1] - qs[b], n) for b, n in enumerate(lens, first) if qs[b + 1] > qs[b]]
-    if window is None and live and all(rows == n >= SDPA_WHOLE_PROMPT for rows, n in live):
+    if whole_prompts_only(batch, first, window):
         return _attend_by_sequence(q, k, v, k_store, v_store, batch, scale, window, first)
+    qs = batch.query_start
     out = paged_prefill(
         q, k_store, v_store, batch.block_tables[first:], batch.query_start_device[first:], batch.context_lens[first:],
-        batch.query_pos, batch.block_size, scale, window, max_context=max(lens, default=0),
+        batch.query_pos, batch.block_size, scale, window, max_context=max(batch.context_lens_host[first:], default=0),
     )  # fmt: skip
     out[: qs[first]].zero_()
     out[qs[-1] :].zero_()

@@ -1,0 +1,65 @@
+"""Which attention a prefill step takes on GPU, decided on the host from the step's shape (runs on CPU).
+
+The kernels themselves are tested on GPU (test_triton_prefill, test_triton_decode); these are the choices
+around them, which must hold on every rank alike and never depend on values still on the device.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from shiftlib.paged_attention import SDPA_WHOLE_PROMPT, AttentionBatch, whole_prompts_only
+from shiftlib.triton_prefill import PrefillConfig, default_config
+
+LONG = SDPA_WHOLE_PROMPT
+
+
+def step(chunks: list[tuple[int, int]], pad: int = 0) -> AttentionBatch:
+    """A step of (cached, new) per sequence, then ``pad`` padding rows as empty sequences."""
+    starts, lens = [0], []
+    for cached, new in chunks:
+        starts.append(starts[-1] + new)
+        lens.append(cached + new)
+    pos = torch.cat([torch.arange(c, c + n) for c, n in chunks])
+    batch = AttentionBatch(
+        query_pos=pos, write_slots=pos, block_tables=torch.zeros(len(chunks), 1, dtype=torch.int32), block_size=16,
+        context_lens=torch.tensor(lens), query_start=starts, context_lens_host=lens,
+    )  # fmt: skip
+    return batch.padded(batch.num_tokens + pad)
+
+
+@pytest.mark.parametrize(
+    ("chunks", "first", "window", "sdpa"),
+    [
+        ([(0, LONG)], 0, None, True),  # a long prompt alone
+        ([(100, 1), (7, 1), (0, LONG + 3)], 2, None, True),  # beside two decodes, which the decode kernel serves
+        ([(0, LONG), (0, 2 * LONG)], 0, None, True),  # several long prompts, each one SDPA call
+        ([(0, LONG - 1)], 0, None, False),  # too short: the kernel's one call wins
+        ([(16, LONG)], 0, None, False),  # a chunk after a cached prefix: SDPA's causal mask would be misaligned
+        ([(0, LONG)], 0, 4096, False),  # a sliding window: the kernel
+        ([(0, LONG), (0, 512)], 0, None, False),  # a short prompt rides along: one kernel call for both
+    ],
+)
+def test_only_long_whole_prompts_go_through_sdpa(chunks, first: int, window: int | None, sdpa: bool):
+    assert whole_prompts_only(step(chunks), first, window) is sdpa
+    assert whole_prompts_only(step(chunks, pad=5), first, window) is sdpa  # padding rows change nothing
+
+
+def test_a_step_with_no_prefill_rows_is_not_sent_to_sdpa():
+    assert not whole_prompts_only(step([(100, 1), (7, 1)]), 2, None)
+
+
+@pytest.mark.parametrize(
+    ("dtype", "head_dim", "max_context", "tiles"),
+    [
+        (torch.bfloat16, 128, None, PrefillConfig(128, 32, 4, 3)),  # a graph's step: the host does not know
+        (torch.bfloat16, 128, 2047, PrefillConfig(128, 32, 4, 3)),
+        (torch.bfloat16, 128, 2048, PrefillConfig(256, 64, 8, 3)),  # long contexts: larger tiles
+        (torch.float16, 64, 30000, PrefillConfig(256, 64, 8, 3)),
+        (torch.float32, 128, 30000, PrefillConfig(64, 32, 4, 2)),  # wide rows keep tiles that fit shared memory
+        (torch.bfloat16, 256, 30000, PrefillConfig(64, 32, 4, 2)),
+    ],
+)
+def test_prefill_tiles_follow_the_longest_context(dtype, head_dim: int, max_context: int | None, tiles):
+    assert default_config(torch.empty(1, 4, head_dim, dtype=dtype), max_context) == tiles
