@@ -87,7 +87,8 @@ def run(case, block_size: int, scale: float, window: int | None, long_tiles: boo
     q, kc, vc, bt, qpos, starts, lens = case
     qs = torch.tensor(starts, dtype=torch.int32, device=DEVICE)
     cl = torch.tensor(lens, dtype=torch.int32, device=DEVICE)
-    out = paged_prefill(q, kc, vc, bt, qs, cl, qpos, block_size, scale, window, max_context=4096 if long_tiles else None)
+    longest = 4096 if long_tiles else None
+    out = paged_prefill(q, kc, vc, bt, qs, cl, qpos, block_size, scale, window, max_context=longest)
     ref = reference(q, kc, vc, bt, starts, lens, qpos, block_size, scale, window)
     return out[starts[0] : starts[-1]], ref[starts[0] : starts[-1]]
 

@@ -50,8 +50,8 @@ def default_config(q: torch.Tensor, max_context: int | None = None) -> PrefillCo
     Short contexts: 128 rows x 32 keys, 4 warps, 3 stages, within 2.5 % of the best on 64 prompts of 512 tokens,
     where 256 x 64 with 8 warps is 10 % slower (its diagonal tiles mask away more). From contexts of 2,048 tokens
     on, 256 x 64 with 8 warps wins: 16 suffixes of 128 after 2,048 cached 6 % faster, 4,096 tokens after 28,672
-    12 %, 8,192 after 24,576 16 %. ``max_context`` is the step's longest context where the host knows it (eager steps);
-    a graph's fixed-shape step keeps the short-context choice. Wider rows (fp32, d = 256) take smaller tiles, so
+    12 %, 8,192 after 24,576 16 %. ``max_context`` is the step's longest context where the host knows it (eager
+    steps); a graph's fixed-shape step keeps the short-context choice. Wider rows (fp32, d = 256) take smaller tiles, so
     that the staged K/V tiles and the Q tile still fit in shared memory and the fp32 accumulator in registers."""
     row_bytes = q.element_size() * q.shape[-1]
     if row_bytes <= 256:

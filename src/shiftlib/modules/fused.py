@@ -5,8 +5,8 @@ is several kernels, and at 32 layers their launches cost as much as the weights 
 pieces (not the whole model) keeps ``torch.compile`` cheap and robust: a few graphs per function, shared by every
 layer. Shapes are left to automatic dynamism: a first graph for the first shape seen, then one with the token
 count dynamic and every other size (heads, widths) static. ``dynamic=True`` made those symbolic too, and its
-64-bit index math ran RoPE 3.1x, SiLU-mul 1.4x and the norms 1.5x slower on 32k tokens (one H200). On CPU they run eagerly, so CPU results stay bit-identical to Hugging Face's
-formulas. ``SHIFTLIB_COMPILE=0`` turns compilation off.
+64-bit index math ran RoPE 3.1x, SiLU-mul 1.4x and the norms 1.5x slower on 32k tokens (one H200). On CPU they
+run eagerly, so CPU results stay bit-identical to Hugging Face's formulas. ``SHIFTLIB_COMPILE=0`` turns compilation off.
 """
 
 from __future__ import annotations
