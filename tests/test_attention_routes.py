@@ -15,8 +15,9 @@ from shiftlib.triton_prefill import PrefillConfig, default_config
 LONG = SDPA_WHOLE_PROMPT
 
 
-def step(chunks: list[tuple[int, int]], pad: int = 0) -> AttentionBatch:
-    """A step of (cached, new) per sequence, then ``pad`` padding rows as empty sequences."""
+def step(chunks: list[tuple[int, int]], decodes: int = 0, pad: int = 0) -> AttentionBatch:
+    """A step of (cached, new) per sequence, the first ``decodes`` of them decode rows, then ``pad`` padding rows
+    as empty sequences."""
     starts, lens = [0], []
     for cached, new in chunks:
         starts.append(starts[-1] + new)
@@ -24,13 +25,13 @@ def step(chunks: list[tuple[int, int]], pad: int = 0) -> AttentionBatch:
     pos = torch.cat([torch.arange(c, c + n) for c, n in chunks])
     batch = AttentionBatch(
         query_pos=pos, write_slots=pos, block_tables=torch.zeros(len(chunks), 1, dtype=torch.int32), block_size=16,
-        context_lens=torch.tensor(lens), query_start=starts, context_lens_host=lens,
+        context_lens=torch.tensor(lens), query_start=starts, context_lens_host=lens, num_decodes=decodes,
     )  # fmt: skip
     return batch.padded(batch.num_tokens + pad)
 
 
 @pytest.mark.parametrize(
-    ("chunks", "first", "window", "sdpa"),
+    ("chunks", "decodes", "window", "sdpa"),
     [
         ([(0, LONG)], 0, None, True),  # a long prompt alone
         ([(100, 1), (7, 1), (0, LONG + 3)], 2, None, True),  # beside two decodes, which the decode kernel serves
@@ -41,13 +42,17 @@ def step(chunks: list[tuple[int, int]], pad: int = 0) -> AttentionBatch:
         ([(0, LONG), (0, 512)], 0, None, False),  # a short prompt rides along: one kernel call for both
     ],
 )
-def test_only_long_whole_prompts_go_through_sdpa(chunks, first: int, window: int | None, sdpa: bool):
-    assert whole_prompts_only(step(chunks), first, window) is sdpa
-    assert whole_prompts_only(step(chunks, pad=5), first, window) is sdpa  # padding rows change nothing
+def test_only_long_whole_prompts_go_through_sdpa(chunks, decodes: int, window: int | None, sdpa: bool):
+    assert whole_prompts_only(step(chunks, decodes), window) is sdpa
+    assert whole_prompts_only(step(chunks, decodes, pad=5), window) is sdpa  # padding rows change nothing
 
 
 def test_a_step_with_no_prefill_rows_is_not_sent_to_sdpa():
-    assert not whole_prompts_only(step([(100, 1), (7, 1)]), 2, None)
+    assert not whole_prompts_only(step([(100, 1), (7, 1)], decodes=2), None)
+
+
+def test_the_longest_context_is_that_of_the_prefills():
+    assert step([(5000, 1), (100, 300), (0, 64)], decodes=1).prefills[0] == 400
 
 
 @pytest.mark.parametrize(

@@ -43,6 +43,16 @@ class AttentionBatch:
         return self.query_pos.shape[0]
 
     @cached_property
+    def prefills(self) -> tuple[int, bool]:
+        """Of the sequences past the decodes: the longest context, and whether those with rows are all whole prompts
+        of ``SDPA_WHOLE_PROMPT`` tokens or more. The prefill backend's choice, worked out once per step, not per
+        layer."""
+        qs, first = self.query_start, self.num_decodes
+        lens = self.context_lens_host[first:]
+        live = [(qs[b + 1] - qs[b], n) for b, n in enumerate(lens, first) if qs[b + 1] > qs[b]]
+        return max(lens, default=0), bool(live) and all(rows == n >= SDPA_WHOLE_PROMPT for rows, n in live)
+
+    @cached_property
     def query_start_device(self) -> torch.Tensor:
         """``query_start`` as an int32 device tensor for the prefill kernel: copied once per step, not per layer."""
         return torch.tensor(self.query_start, dtype=torch.int32).to(self.query_pos.device, non_blocking=True)
@@ -146,13 +156,11 @@ def _prefill_backend(q: torch.Tensor, block_size: int):
 SDPA_WHOLE_PROMPT = 4096
 
 
-def whole_prompts_only(batch: AttentionBatch, first: int, window: int | None) -> bool:
-    """Whether sequences ``first`` onwards (those with rows) are all whole prompts of ``SDPA_WHOLE_PROMPT``
-    tokens or more, with no window: SDPA's causal mask is right for them alone (it is aligned top-left, so a chunk
-    after a cached prefix would see the wrong keys)."""
-    qs = batch.query_start
-    live = [(qs[b + 1] - qs[b], n) for b, n in enumerate(batch.context_lens_host[first:], first) if qs[b + 1] > qs[b]]
-    return window is None and bool(live) and all(rows == n >= SDPA_WHOLE_PROMPT for rows, n in live)
+def whole_prompts_only(batch: AttentionBatch, window: int | None) -> bool:
+    """Whether the step's prefills are all long whole prompts (:attr:`AttentionBatch.prefills`), with no window:
+    SDPA's causal mask is right for them alone (it is aligned top-left, so a chunk after a cached prefix would see
+    the wrong keys)."""
+    return window is None and batch.prefills[1]
 
 
 def _attend_prefill_kernel(
@@ -162,12 +170,12 @@ def _attend_prefill_kernel(
     writes only the rows its sequences own, so the rows before them and the padding after them are zeroed here."""
     from shiftlib.triton_prefill import paged_prefill
 
-    if whole_prompts_only(batch, first, window):
+    if whole_prompts_only(batch, window):
         return _attend_by_sequence(q, k, v, k_store, v_store, batch, scale, window, first)
     qs = batch.query_start
     out = paged_prefill(
         q, k_store, v_store, batch.block_tables[first:], batch.query_start_device[first:], batch.context_lens[first:],
-        batch.query_pos, batch.block_size, scale, window, max_context=max(batch.context_lens_host[first:], default=0),
+        batch.query_pos, batch.block_size, scale, window, max_context=batch.prefills[0],
     )  # fmt: skip
     out[: qs[first]].zero_()
     out[qs[-1] :].zero_()
