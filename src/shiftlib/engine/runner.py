@@ -31,11 +31,11 @@ def mixed_graph_tokens(world: int, max_num_tokens: int, asked: int | None = None
     """The largest mixed step that replays a graph: ``asked``, within the budget; by default, as follows.
 
     An eager step costs ~0.6 ms of host time per layer (the compiled pieces' guards and wrappers,
-    :mod:`shiftlib.modules.fused`), whatever its size. On one H200
-    at P = 1 (8B shape, 32 layers) a step over 1,024 tokens has more GPU work than that, and it runs at the power
-    cap: the graphs' lack of idle time slowed the kernels (2,048 tokens: 53.8 ms as a graph, 43.4 eager). Each rank
-    at P > 1 holds a shard of the GEMMs but all the launches: its 1/8 slice took 36.4 ms eager for a 2,048-token
-    step against 8.2 as a graph (4,096: 38.4 against 14.9), so there every step of the budget replays one."""
+    :mod:`shiftlib.modules.fused`), whatever its size. On one H200 at P = 1 (8B shape, 32 layers) a step over
+    1,024 tokens has more GPU work than that, and it runs at the power cap: the graphs' lack of idle time slowed
+    the kernels (2,048 tokens: 53.8 ms as a graph, 43.4 eager). Each rank at P > 1 holds a shard of the GEMMs
+    but all the launches: its 1/8 slice took 36.4 ms eager for a 2,048-token step against 8.2 as a graph (4,096:
+    38.4 against 14.9), so there every step of the budget replays one."""
     return min(max_num_tokens, asked if asked is not None else max_num_tokens if world > 1 else 1024)
 
 
