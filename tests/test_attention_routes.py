@@ -9,10 +9,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from shiftlib.paged_attention import SDPA_WHOLE_PROMPT, AttentionBatch, whole_prompts_only
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from shiftlib.paged_attention import SDPA_LONG_CHUNK, AttentionBatch, _attend_by_sequence, _attend_long_chunks, long_chunks_only
 from shiftlib.triton_prefill import PrefillConfig, default_config
 
-LONG = SDPA_WHOLE_PROMPT
+LONG = SDPA_LONG_CHUNK
 
 
 def step(chunks: list[tuple[int, int]], decodes: int = 0, pad: int = 0) -> AttentionBatch:
@@ -36,19 +39,55 @@ def step(chunks: list[tuple[int, int]], decodes: int = 0, pad: int = 0) -> Atten
         ([(0, LONG)], 0, None, True),  # a long prompt alone
         ([(100, 1), (7, 1), (0, LONG + 3)], 2, None, True),  # beside two decodes, which the decode kernel serves
         ([(0, LONG), (0, 2 * LONG)], 0, None, True),  # several long prompts, each one SDPA call
+        ([(16, LONG)], 0, None, True),  # a long chunk after a cached prefix: split in two SDPA calls
         ([(0, LONG - 1)], 0, None, False),  # too short: the kernel's one call wins
-        ([(16, LONG)], 0, None, False),  # a chunk after a cached prefix: SDPA's causal mask would be misaligned
+        ([(3 * LONG, LONG - 1)], 0, None, False),
         ([(0, LONG)], 0, 4096, False),  # a sliding window: the kernel
         ([(0, LONG), (0, 512)], 0, None, False),  # a short prompt rides along: one kernel call for both
     ],
 )
-def test_only_long_whole_prompts_go_through_sdpa(chunks, decodes: int, window: int | None, sdpa: bool):
-    assert whole_prompts_only(step(chunks, decodes), window) is sdpa
-    assert whole_prompts_only(step(chunks, decodes, pad=5), window) is sdpa  # padding rows change nothing
+def test_only_long_chunks_go_through_sdpa(chunks, decodes: int, window: int | None, sdpa: bool):
+    assert long_chunks_only(step(chunks, decodes), window) is sdpa
+    assert long_chunks_only(step(chunks, decodes, pad=5), window) is sdpa  # padding rows change nothing
 
 
 def test_a_step_with_no_prefill_rows_is_not_sent_to_sdpa():
-    assert not whole_prompts_only(step([(100, 1), (7, 1)], decodes=2), None)
+    assert not long_chunks_only(step([(100, 1), (7, 1)], decodes=2), None)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    chunks=st.lists(st.tuples(st.integers(0, 40), st.integers(1, 24)), min_size=1, max_size=3),
+    kv_heads=st.sampled_from([1, 2, 4]),
+    group=st.sampled_from([1, 3]),
+    block_size=st.sampled_from([1, 4, 16]),
+    seed=st.integers(0, 2**16),
+)
+def test_a_chunk_split_into_its_prefix_and_itself_is_exact(chunks, kv_heads: int, group: int, block_size: int, seed: int):
+    """The long-chunk route's arithmetic (two attentions merged by log-sum-exp) against the masked path, float64."""
+    g = torch.Generator().manual_seed(seed)
+    starts, lens = [0], []
+    for cached, new in chunks:
+        starts.append(starts[-1] + new)
+        lens.append(cached + new)
+    blocks = [-(-n // block_size) for n in lens]
+    order = torch.randperm(sum(blocks), generator=g).int()  # blocks scattered through the cache
+    tables = torch.zeros(len(chunks), max(blocks), dtype=torch.int32)
+    for b, (lo, n) in enumerate(zip([0, *torch.tensor(blocks).cumsum(0).tolist()], blocks)):
+        tables[b, :n] = order[lo : lo + n]
+    pos = torch.cat([torch.arange(c, c + n) for c, n in chunks])
+    seq = torch.repeat_interleave(torch.arange(len(chunks)), torch.tensor([n for _, n in chunks]))
+    slots = tables[seq, pos // block_size].long() * block_size + pos % block_size
+    batch = AttentionBatch(query_pos=pos, write_slots=slots, block_tables=tables, block_size=block_size,
+                           context_lens=torch.tensor(lens), query_start=starts, context_lens_host=lens)  # fmt: skip
+    d, rows = 8, starts[-1]
+    q = torch.randn(rows, kv_heads * group, d, generator=g, dtype=torch.float64)
+    k_store, v_store = (torch.randn(sum(blocks) * block_size, kv_heads, d, generator=g, dtype=torch.float64) for _ in "kv")
+    k, v = k_store[slots], v_store[slots]  # the step's own K/V, already written
+    exact = _attend_by_sequence(q, k, v, k_store, v_store, batch, 0.3, None, first=0)
+    split = _attend_long_chunks(q, k, v, k_store, v_store, batch, 0.3, first=0)
+    torch.testing.assert_close(split, exact, rtol=1e-12, atol=1e-12)
+    assert split.is_contiguous()  # SP mode views it as (sp, tokens / sp, heads * d)
 
 
 def test_the_longest_context_is_that_of_the_prefills():

@@ -184,10 +184,12 @@ def test_attend_routes_prefill_through_the_kernel(window: int | None):
 
 
 @pytest.mark.parametrize("window", [None, 300])
-def test_a_long_whole_prompt_beside_decodes(window: int | None):
-    """Decodes and one whole prompt of 4,096 tokens: the prompt goes through SDPA on its own K/V (with a window,
-    through the kernel); both match the reference."""
-    q, kc, vc, bt, qpos, starts, lens = make_case([(40, 1), (999, 1), (0, 4096)], 2, 4, 128, 16, torch.bfloat16, seed=8)
+@pytest.mark.parametrize("cached", [0, 1000, 5000])
+def test_a_long_chunk_beside_decodes(window: int | None, cached: int):
+    """Decodes and one chunk of 4,096 tokens, whole or after a cached prefix: the chunk goes through SDPA (cuDNN,
+    split at the prefix; with a window, through the kernel); both match the reference."""
+    q, kc, vc, bt, qpos, starts, lens = make_case([(40, 1), (999, 1), (cached, 4096)], 2, 4, 128, 16, torch.bfloat16,
+                                                  seed=8)  # fmt: skip
     own = torch.arange(starts[2], starts[3], device=DEVICE)
     slots = bt[2, qpos[own] // 16].long() * 16 + qpos[own] % 16
     batch = AttentionBatch(
@@ -195,7 +197,9 @@ def test_a_long_whole_prompt_beside_decodes(window: int | None):
         context_lens=torch.tensor(lens, dtype=torch.int32, device=DEVICE), query_start=starts, context_lens_host=lens,
         num_decodes=2,
     )  # fmt: skip
-    k, v = (torch.zeros(q.shape[0], 2, 128, dtype=q.dtype, device=DEVICE) for _ in range(2))
+    qkv = torch.zeros(q.shape[0], 12, 128, dtype=q.dtype, device=DEVICE)  # k, v strided as the model's are
+    qkv[:, :8] = q
+    q, k, v = qkv.split([8, 2, 2], dim=1)
     k[own], v[own] = kc[slots], vc[slots]
     out = attend(q, k, v, batch, (kc, vc), 0.1, window)
     check(out, reference(q, kc, vc, bt, starts, lens, qpos, 16, 0.1, window), torch.bfloat16, f"window={window}")

@@ -14,6 +14,8 @@ from functools import cached_property
 import torch
 import torch.nn.functional as F
 
+from shiftlib.modules.fused import merge_partial
+
 
 @dataclass
 class AttentionBatch:
@@ -44,13 +46,13 @@ class AttentionBatch:
 
     @cached_property
     def prefills(self) -> tuple[int, bool]:
-        """Of the sequences past the decodes: the longest context, and whether those with rows are all whole prompts
-        of ``SDPA_WHOLE_PROMPT`` tokens or more. The prefill backend's choice, worked out once per step, not per
-        layer."""
+        """Of the sequences past the decodes: the longest context, and whether those with rows all run
+        ``SDPA_LONG_CHUNK`` rows or more (whole prompts or chunks after a prefix). The prefill backend's choice,
+        worked out once per step, not per layer."""
         qs, first = self.query_start, self.num_decodes
         lens = self.context_lens_host[first:]
-        live = [(qs[b + 1] - qs[b], n) for b, n in enumerate(lens, first) if qs[b + 1] > qs[b]]
-        return max(lens, default=0), bool(live) and all(rows == n >= SDPA_WHOLE_PROMPT for rows, n in live)
+        live = [qs[b + 1] - qs[b] for b in range(first, len(lens) + first) if qs[b + 1] > qs[b]]
+        return max(lens, default=0), bool(live) and min(live) >= SDPA_LONG_CHUNK
 
     @cached_property
     def query_start_device(self) -> torch.Tensor:
@@ -107,9 +109,10 @@ def attend(
     Backends: decode rows (the step's leading sequences of one new token each; every row of a decode step) go
     through the Triton flash-decoding kernel on GPU, or its PyTorch twin on CPU, in one call driven by device
     tensors only, so a decode step can be captured in a CUDA graph. The other sequences of a mixed or prefill
-    step go, on GPU, through the Triton varlen prefill kernel in one call; on CPU (and on GPU for inputs that
-    kernel does not take) one by one through SDPA: flash attention (``is_causal``) where a sequence's whole
-    context is new, the masked exact path otherwise. A mixed step of fixed shapes runs both kernels over every
+    step go, on GPU, through the Triton varlen prefill kernel in one call, or, when they are all long chunks, one
+    by one through SDPA's fused kernels (:func:`attend_after_prefix`); on CPU (and on GPU for inputs that kernel
+    does not take) one by one through SDPA: ``is_causal`` where a sequence's whole context is new, the masked
+    exact path otherwise. A mixed step of fixed shapes runs both kernels over every
     sequence slot (``_attend_fixed``). Without a cache the step's own K/V are the key store
     (``AttentionBatch.dense``).
     """
@@ -148,30 +151,29 @@ def _prefill_backend(q: torch.Tensor, block_size: int):
     return _attend_by_sequence
 
 
-# Whole prompts of at least this many tokens go through SDPA on their own K/V when they are a step's only
-# prefills: on an H200 its cuDNN kernel ran causal attention of a whole 8k or 32k prompt at ~594 TFLOP/s, against
-# 395-458 for the Triton kernel (docs/engine.md, Long prefill). Steps of many short prompts stay on the kernel's
-# one call (64 prompts of 512 tokens: 0.64 ms against 9.9 ms one SDPA at a time); single prompts between 512 and
-# 4,096 tokens were not measured, so the bar sits at the default step budget.
-SDPA_WHOLE_PROMPT = 4096
+# Chunks of at least this many rows (whole prompts, or chunks after a cached prefix) go through SDPA when they are
+# a step's only prefills: on an H200 its cuDNN kernel ran causal attention of a whole 8k or 32k prompt at ~594
+# TFLOP/s, against 395-458 for the Triton kernel (docs/engine.md, Long prefill). Steps of many short prompts stay
+# on the kernel's one call (64 prompts of 512 tokens: 0.64 ms against 9.9 ms one SDPA at a time); single chunks
+# between 512 and 4,096 tokens were not measured, so the bar sits at the default step budget.
+SDPA_LONG_CHUNK = 4096
 
 
-def whole_prompts_only(batch: AttentionBatch, window: int | None) -> bool:
-    """Whether the step's prefills are all long whole prompts (:attr:`AttentionBatch.prefills`), with no window:
-    SDPA's causal mask is right for them alone (it is aligned top-left, so a chunk after a cached prefix would see
-    the wrong keys)."""
+def long_chunks_only(batch: AttentionBatch, window: int | None) -> bool:
+    """Whether the step's prefills are all long chunks (:attr:`AttentionBatch.prefills`), with no window (SDPA's
+    fused kernels take no window)."""
     return window is None and batch.prefills[1]
 
 
 def _attend_prefill_kernel(
     q, k, v, k_store, v_store, batch: AttentionBatch, scale: float, window: int | None, first: int
 ) -> torch.Tensor:
-    """``_attend_by_sequence``'s contract in one Triton call (or, for long whole prompts alone, SDPA). The kernel
-    writes only the rows its sequences own, so the rows before them and the padding after them are zeroed here."""
+    """``_attend_by_sequence``'s contract in one Triton call (or, for long chunks alone, SDPA). The kernel writes
+    only the rows its sequences own, so the rows before them and the padding after them are zeroed here."""
     from shiftlib.triton_prefill import paged_prefill
 
-    if whole_prompts_only(batch, window):
-        return _attend_by_sequence(q, k, v, k_store, v_store, batch, scale, window, first)
+    if long_chunks_only(batch, window) and cudnn_takes(q):
+        return _attend_long_chunks(q, k, v, k_store, v_store, batch, scale, first)
     qs = batch.query_start
     out = paged_prefill(
         q, k_store, v_store, batch.block_tables[first:], batch.query_start_device[first:], batch.context_lens[first:],
@@ -249,6 +251,47 @@ def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, **mas
     return F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=gqa, **mask)[0].transpose(0, 1)
 
 
+def _sdpa_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention on (tokens, heads, d), KV heads shared by groups of query heads, and its log-sum-exp (tokens, heads),
+    float32 at least: cuDNN's fused kernel on GPU (it takes the KV heads as they are), the flash kernel on CPU."""
+    if q.is_cuda:
+        args = (t.transpose(0, 1)[None] for t in (q, k, v))
+        o, lse = torch.ops.aten._scaled_dot_product_cudnn_attention(*args, None, True, 0.0, causal, False, scale=scale)[:2]
+    else:
+        k, v = (t.repeat_interleave(q.shape[1] // t.shape[1], dim=1).transpose(0, 1)[None] for t in (k, v))
+        o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q.transpose(0, 1)[None], k, v, 0.0, causal, scale=scale)
+    return o[0].transpose(0, 1), lse.reshape(q.shape[1], q.shape[0]).t()
+
+
+def cudnn_takes(q: torch.Tensor) -> bool:
+    """Whether cuDNN's attention runs these queries (half precision, head_dim a multiple of 8 up to 128)."""
+    d = q.shape[-1]
+    return q.dtype in (torch.bfloat16, torch.float16) and d % 8 == 0 and d <= 128 and torch.backends.cuda.cudnn_sdp_enabled()
+
+
+def attend_after_prefix(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_prefix: torch.Tensor, v_prefix: torch.Tensor,
+                        scale: float) -> torch.Tensor:
+    """A chunk of n new tokens after a prefix (maybe empty), on (tokens, heads, d): q, k, v the chunk's own, then
+    the prefix's K/V.
+
+    Two attentions that SDPA's fused kernels take, merged by their log-sum-exps: the chunk over itself (causal;
+    top-left alignment is right, the keys being the queries' own) and over the prefix (every key visible). One
+    causal call over the whole context would align its mask top-left, which is wrong here, and the lower-right
+    mask runs on a slower kernel. Over the prefix the g query heads of a KV head fold into g * n rows of one head:
+    the prefix's K/V are never copied per query head.
+    """
+    own, own_lse = _sdpa_lse(q, k, v, scale, causal=True)
+    if k_prefix.shape[0] == 0:
+        return own
+    n, hq, d = q.shape
+    hkv = k.shape[1]
+    g = hq // hkv
+    folded = q.view(n, hkv, g, d).transpose(1, 2).reshape(n * g, hkv, d)  # row (token, j): query head h * g + j
+    o, lse = _sdpa_lse(folded, k_prefix, v_prefix, scale, causal=False)
+    o, lse = o.view(n, g, hkv, d).transpose(1, 2), lse.view(n, g, hkv).transpose(1, 2)  # views: the merge reads them
+    return merge_partial(own.view(n, hkv, g, d), own_lse.view(n, hkv, g), o, lse).reshape(n, hq, d)
+
+
 def _attend_by_sequence(q, k, v, k_store, v_store, batch: AttentionBatch, scale: float, window: int | None, first: int) -> torch.Tensor:
     """Sequences ``first`` onwards, one SDPA each; rows of earlier sequences are left at zero."""
     out = q.new_zeros(q.shape)
@@ -268,3 +311,21 @@ def _attend_by_sequence(q, k, v, k_store, v_store, batch: AttentionBatch, scale:
             mask &= keys > qpos - window
         out[lo:hi] = _sdpa(q[lo:hi], k_store[slots], v_store[slots], scale, attn_mask=mask)
     return out
+
+
+def _attend_long_chunks(q, k, v, k_store, v_store, batch: AttentionBatch, scale: float, first: int) -> torch.Tensor:
+    """``_attend_by_sequence``'s contract (no window) through :func:`attend_after_prefix`, one sequence at a time."""
+    out = None
+    for b in range(first, len(batch.context_lens_host)):
+        lo, hi = batch.query_start[b], batch.query_start[b + 1]
+        if hi == lo:
+            continue
+        keys = torch.arange(batch.context_lens_host[b] - (hi - lo), device=q.device)
+        prefix = batch.block_tables[b, keys // batch.block_size].long() * batch.block_size + keys % batch.block_size
+        o = attend_after_prefix(q[lo:hi], k[lo:hi], v[lo:hi], k_store[prefix], v_store[prefix], scale)
+        if hi - lo == q.shape[0]:  # the step's one sequence (a long prompt's case): no copy where o is contiguous
+            return o.contiguous()
+        if out is None:
+            out = q.new_zeros(q.shape)
+        out[lo:hi] = o
+    return q.new_zeros(q.shape) if out is None else out

@@ -62,6 +62,11 @@ def _silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return (F.silu(gate) * up).flatten(1)
 
 
+def _merge_partial(o1, l1, o2, l2) -> torch.Tensor:
+    lse = torch.logaddexp(l1, l2)
+    return (o1 * (l1 - lse).exp()[..., None] + o2 * (l2 - lse).exp()[..., None]).to(o1.dtype)
+
+
 def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
     return _on(_rms_norm, x)(x, w, eps)
 
@@ -83,3 +88,9 @@ def rope_store(q, k, v, cos, sin, k_cache, v_cache, slots) -> tuple[torch.Tensor
 
 def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return _on(_silu_mul, gate)(gate, up)
+
+
+def merge_partial(o1: torch.Tensor, l1: torch.Tensor, o2: torch.Tensor, l2: torch.Tensor) -> torch.Tensor:
+    """Two attentions of the same queries over disjoint keys, (tokens, heads, d) with their log-sum-exps
+    (tokens, heads), as the one attention over all the keys."""
+    return _on(_merge_partial, o1)(o1, l1, o2, l2)
