@@ -8,11 +8,16 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from shiftlib.paged_attention import SDPA_LONG_CHUNK, AttentionBatch, _attend_by_sequence, _attend_long_chunks, long_chunks_only
+from shiftlib.paged_attention import (
+    SDPA_LONG_CHUNK,
+    AttentionBatch,
+    _attend_by_sequence,
+    _attend_long_chunks,
+    long_chunks_only,
+)
 from shiftlib.triton_prefill import PrefillConfig, default_config
 
 LONG = SDPA_LONG_CHUNK
@@ -41,7 +46,7 @@ def step(chunks: list[tuple[int, int]], decodes: int = 0, pad: int = 0) -> Atten
         ([(0, LONG), (0, 2 * LONG)], 0, None, True),  # several long prompts, each one SDPA call
         ([(16, LONG)], 0, None, True),  # a long chunk after a cached prefix: split in two SDPA calls
         ([(0, LONG - 1)], 0, None, False),  # too short: the kernel's one call wins
-        ([(3 * LONG, LONG - 1)], 0, None, False),
+        ([(3 * LONG, LONG - 1)], 0, None, False),  # a short chunk after a long prefix: the kernel
         ([(0, LONG)], 0, 4096, False),  # a sliding window: the kernel
         ([(0, LONG), (0, 512)], 0, None, False),  # a short prompt rides along: one kernel call for both
     ],
@@ -63,7 +68,8 @@ def test_a_step_with_no_prefill_rows_is_not_sent_to_sdpa():
     block_size=st.sampled_from([1, 4, 16]),
     seed=st.integers(0, 2**16),
 )
-def test_a_chunk_split_into_its_prefix_and_itself_is_exact(chunks, kv_heads: int, group: int, block_size: int, seed: int):
+def test_a_chunk_split_into_its_prefix_and_itself_is_exact(chunks, kv_heads: int, group: int, block_size: int,
+                                                           seed: int):
     """The long-chunk route's arithmetic (two attentions merged by log-sum-exp) against the masked path, float64."""
     g = torch.Generator().manual_seed(seed)
     starts, lens = [0], []
@@ -82,7 +88,8 @@ def test_a_chunk_split_into_its_prefix_and_itself_is_exact(chunks, kv_heads: int
                            context_lens=torch.tensor(lens), query_start=starts, context_lens_host=lens)  # fmt: skip
     d, rows = 8, starts[-1]
     q = torch.randn(rows, kv_heads * group, d, generator=g, dtype=torch.float64)
-    k_store, v_store = (torch.randn(sum(blocks) * block_size, kv_heads, d, generator=g, dtype=torch.float64) for _ in "kv")
+    slots_in_cache = sum(blocks) * block_size
+    k_store, v_store = (torch.randn(slots_in_cache, kv_heads, d, generator=g, dtype=torch.float64) for _ in "kv")
     k, v = k_store[slots], v_store[slots]  # the step's own K/V, already written
     exact = _attend_by_sequence(q, k, v, k_store, v_store, batch, 0.3, None, first=0)
     split = _attend_long_chunks(q, k, v, k_store, v_store, batch, 0.3, first=0)

@@ -186,8 +186,8 @@ def test_attend_routes_prefill_through_the_kernel(window: int | None):
 @pytest.mark.parametrize("window", [None, 300])
 @pytest.mark.parametrize("cached", [0, 1000, 5000])
 def test_a_long_chunk_beside_decodes(window: int | None, cached: int):
-    """Decodes and one chunk of 4,096 tokens, whole or after a cached prefix: the chunk goes through SDPA (cuDNN,
-    split at the prefix; with a window, through the kernel); both match the reference."""
+    """Decodes and one chunk of 4,096 tokens, whole or after a cached prefix: the chunk goes through cuDNN (split at
+    the prefix; with a window, through the kernel); both match the reference."""
     q, kc, vc, bt, qpos, starts, lens = make_case([(40, 1), (999, 1), (cached, 4096)], 2, 4, 128, 16, torch.bfloat16,
                                                   seed=8)  # fmt: skip
     own = torch.arange(starts[2], starts[3], device=DEVICE)

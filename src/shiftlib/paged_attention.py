@@ -110,7 +110,7 @@ def attend(
     through the Triton flash-decoding kernel on GPU, or its PyTorch twin on CPU, in one call driven by device
     tensors only, so a decode step can be captured in a CUDA graph. The other sequences of a mixed or prefill
     step go, on GPU, through the Triton varlen prefill kernel in one call, or, when they are all long chunks, one
-    by one through SDPA's fused kernels (:func:`attend_after_prefix`); on CPU (and on GPU for inputs that kernel
+    by one through cuDNN's attention (:func:`attend_after_prefix`); on CPU (and on GPU for inputs that kernel
     does not take) one by one through SDPA: ``is_causal`` where a sequence's whole context is new, the masked
     exact path otherwise. A mixed step of fixed shapes runs both kernels over every
     sequence slot (``_attend_fixed``). Without a cache the step's own K/V are the key store
@@ -151,24 +151,25 @@ def _prefill_backend(q: torch.Tensor, block_size: int):
     return _attend_by_sequence
 
 
-# Chunks of at least this many rows (whole prompts, or chunks after a cached prefix) go through SDPA when they are
-# a step's only prefills: on an H200 its cuDNN kernel ran causal attention of a whole 8k or 32k prompt at ~594
-# TFLOP/s, against 395-458 for the Triton kernel (docs/engine.md, Long prefill). Steps of many short prompts stay
-# on the kernel's one call (64 prompts of 512 tokens: 0.64 ms against 9.9 ms one SDPA at a time); single chunks
-# between 512 and 4,096 tokens were not measured, so the bar sits at the default step budget.
+# Chunks of at least this many rows (whole prompts, or chunks after a cached prefix) go through cuDNN's attention
+# when they are a step's only prefills: on an H200 it ran causal attention of a whole 8k or 32k prompt at ~594
+# TFLOP/s, and 4k-8k chunks after a prefix at 470-575 split in two, against 395-458 for the Triton kernel
+# (docs/engine.md, Long prefill). Steps of many short prompts stay on the kernel's one call (64 prompts of 512
+# tokens: 0.64 ms against 9.9 ms one SDPA at a time); single chunks between 512 and 4,096 tokens were not
+# measured, so the bar sits at the default step budget.
 SDPA_LONG_CHUNK = 4096
 
 
 def long_chunks_only(batch: AttentionBatch, window: int | None) -> bool:
-    """Whether the step's prefills are all long chunks (:attr:`AttentionBatch.prefills`), with no window (SDPA's
-    fused kernels take no window)."""
+    """Whether the step's prefills are all long chunks (:attr:`AttentionBatch.prefills`), with no window (cuDNN's
+    calls here take none)."""
     return window is None and batch.prefills[1]
 
 
 def _attend_prefill_kernel(
     q, k, v, k_store, v_store, batch: AttentionBatch, scale: float, window: int | None, first: int
 ) -> torch.Tensor:
-    """``_attend_by_sequence``'s contract in one Triton call (or, for long chunks alone, SDPA). The kernel writes
+    """``_attend_by_sequence``'s contract in one Triton call (or, for long chunks alone, cuDNN). The kernel writes
     only the rows its sequences own, so the rows before them and the padding after them are zeroed here."""
     from shiftlib.triton_prefill import paged_prefill
 
@@ -251,30 +252,36 @@ def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, **mas
     return F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=gqa, **mask)[0].transpose(0, 1)
 
 
-def _sdpa_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Attention on (tokens, heads, d), KV heads shared by groups of query heads, and its log-sum-exp (tokens, heads),
-    float32 at least: cuDNN's fused kernel on GPU (it takes the KV heads as they are), the flash kernel on CPU."""
+def _sdpa_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, causal: bool):
+    """Attention on (tokens, heads, d), KV heads shared by groups of query heads, and its log-sum-exp (tokens,
+    heads), float32 at least: cuDNN's fused kernel on GPU (it takes the KV heads as they are), flash on CPU."""
     if q.is_cuda:
-        args = (t.transpose(0, 1)[None] for t in (q, k, v))
-        o, lse = torch.ops.aten._scaled_dot_product_cudnn_attention(*args, None, True, 0.0, causal, False, scale=scale)[:2]
+        q, k, v = (t.transpose(0, 1)[None] for t in (q, k, v))
+        attention = torch.ops.aten._scaled_dot_product_cudnn_attention
+        o, lse = attention(q, k, v, None, True, 0.0, causal, False, scale=scale)[:2]  # bias, lse, dropout, causal
     else:
         k, v = (t.repeat_interleave(q.shape[1] // t.shape[1], dim=1).transpose(0, 1)[None] for t in (k, v))
-        o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q.transpose(0, 1)[None], k, v, 0.0, causal, scale=scale)
-    return o[0].transpose(0, 1), lse.reshape(q.shape[1], q.shape[0]).t()
+        q = q.transpose(0, 1)[None]
+        o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, scale=scale)
+    return o[0].transpose(0, 1), lse.reshape(q.shape[1], q.shape[2]).t()
 
 
 def cudnn_takes(q: torch.Tensor) -> bool:
     """Whether cuDNN's attention runs these queries (half precision, head_dim a multiple of 8 up to 128)."""
     d = q.shape[-1]
-    return q.dtype in (torch.bfloat16, torch.float16) and d % 8 == 0 and d <= 128 and torch.backends.cuda.cudnn_sdp_enabled()
+    return (
+        q.dtype in (torch.bfloat16, torch.float16) and d % 8 == 0 and d <= 128
+        and torch.backends.cuda.cudnn_sdp_enabled()
+    )
 
 
-def attend_after_prefix(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_prefix: torch.Tensor, v_prefix: torch.Tensor,
-                        scale: float) -> torch.Tensor:
+def attend_after_prefix(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_prefix: torch.Tensor, v_prefix: torch.Tensor, scale: float
+) -> torch.Tensor:
     """A chunk of n new tokens after a prefix (maybe empty), on (tokens, heads, d): q, k, v the chunk's own, then
     the prefix's K/V.
 
-    Two attentions that SDPA's fused kernels take, merged by their log-sum-exps: the chunk over itself (causal;
+    Two attentions that cuDNN's fused kernel takes, merged by their log-sum-exps: the chunk over itself (causal;
     top-left alignment is right, the keys being the queries' own) and over the prefix (every key visible). One
     causal call over the whole context would align its mask top-left, which is wrong here, and the lower-right
     mask runs on a slower kernel. Over the prefix the g query heads of a KV head fold into g * n rows of one head:
@@ -288,7 +295,7 @@ def attend_after_prefix(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_pre
     g = hq // hkv
     folded = q.view(n, hkv, g, d).transpose(1, 2).reshape(n * g, hkv, d)  # row (token, j): query head h * g + j
     o, lse = _sdpa_lse(folded, k_prefix, v_prefix, scale, causal=False)
-    o, lse = o.view(n, g, hkv, d).transpose(1, 2), lse.view(n, g, hkv).transpose(1, 2)  # views: the merge reads them
+    o, lse = o.view(n, g, hkv, d).transpose(1, 2), lse.view(n, g, hkv).transpose(1, 2)  # views, read by the merge
     return merge_partial(own.view(n, hkv, g, d), own_lse.view(n, hkv, g), o, lse).reshape(n, hq, d)
 
 
