@@ -98,7 +98,7 @@ def test_a_chunk_split_into_its_prefix_and_itself_is_exact(chunks, kv_heads: int
 
 
 def test_the_longest_context_is_that_of_the_prefills():
-    assert step([(5000, 1), (100, 300), (0, 64)], decodes=1).prefills[0] == 400
+    assert step([(5000, 1), (100, 300), (0, 64)], decodes=1).longest_prefill_context == 400
 
 
 @pytest.mark.parametrize(

@@ -44,15 +44,18 @@ class AttentionBatch:
     def num_tokens(self) -> int:
         return self.query_pos.shape[0]
 
+    # The prefill backend's choice, worked out once per step, not per layer: from the sequences past the decodes.
     @cached_property
-    def prefills(self) -> tuple[int, bool]:
-        """Of the sequences past the decodes: the longest context, and whether those with rows all run
-        ``SDPA_LONG_CHUNK`` rows or more (whole prompts or chunks after a prefix). The prefill backend's choice,
-        worked out once per step, not per layer."""
-        qs, first = self.query_start, self.num_decodes
-        lens = self.context_lens_host[first:]
-        live = [qs[b + 1] - qs[b] for b in range(first, len(lens) + first) if qs[b + 1] > qs[b]]
-        return max(lens, default=0), bool(live) and min(live) >= SDPA_LONG_CHUNK
+    def longest_prefill_context(self) -> int:
+        return max(self.context_lens_host[self.num_decodes :], default=0)
+
+    @cached_property
+    def long_chunks(self) -> bool:
+        """Whether the prefills with rows all run ``SDPA_LONG_CHUNK`` rows or more (whole prompts or chunks after
+        a prefix)."""
+        qs = self.query_start
+        live = [qs[b + 1] - qs[b] for b in range(self.num_decodes, len(self.context_lens_host)) if qs[b + 1] > qs[b]]
+        return bool(live) and min(live) >= SDPA_LONG_CHUNK
 
     @cached_property
     def query_start_device(self) -> torch.Tensor:
@@ -161,9 +164,9 @@ SDPA_LONG_CHUNK = 4096
 
 
 def long_chunks_only(batch: AttentionBatch, window: int | None) -> bool:
-    """Whether the step's prefills are all long chunks (:attr:`AttentionBatch.prefills`), with no window (cuDNN's
-    calls here take none)."""
-    return window is None and batch.prefills[1]
+    """Whether the step's prefills are all long chunks (:attr:`AttentionBatch.long_chunks`), with no window
+    (cuDNN's calls here take none)."""
+    return window is None and batch.long_chunks
 
 
 def _attend_prefill_kernel(
@@ -178,7 +181,7 @@ def _attend_prefill_kernel(
     qs = batch.query_start
     out = paged_prefill(
         q, k_store, v_store, batch.block_tables[first:], batch.query_start_device[first:], batch.context_lens[first:],
-        batch.query_pos, batch.block_size, scale, window, max_context=batch.prefills[0],
+        batch.query_pos, batch.block_size, scale, window, max_context=batch.longest_prefill_context,
     )  # fmt: skip
     out[: qs[first]].zero_()
     out[qs[-1] :].zero_()
@@ -299,6 +302,11 @@ def attend_after_prefix(
     return merge_partial(own.view(n, hkv, g, d), own_lse.view(n, hkv, g), o, lse).reshape(n, hq, d)
 
 
+def _context_slots(batch: AttentionBatch, b: int, keys: torch.Tensor) -> torch.Tensor:
+    """The cache slots of sequence ``b``'s context indices ``keys``."""
+    return batch.block_tables[b, keys // batch.block_size].long() * batch.block_size + keys % batch.block_size
+
+
 def _attend_by_sequence(q, k, v, k_store, v_store, batch: AttentionBatch, scale: float, window: int | None, first: int) -> torch.Tensor:
     """Sequences ``first`` onwards, one SDPA each; rows of earlier sequences are left at zero."""
     out = q.new_zeros(q.shape)
@@ -311,7 +319,7 @@ def _attend_by_sequence(q, k, v, k_store, v_store, batch: AttentionBatch, scale:
             out[lo:hi] = _sdpa(q[lo:hi], k[lo:hi], v[lo:hi], scale, is_causal=True)
             continue
         keys = torch.arange(length, device=q.device)
-        slots = batch.block_tables[b, keys // batch.block_size].long() * batch.block_size + keys % batch.block_size
+        slots = _context_slots(batch, b, keys)
         qpos = batch.query_pos[lo:hi, None]
         mask = keys <= qpos
         if window is not None:
@@ -327,8 +335,7 @@ def _attend_long_chunks(q, k, v, k_store, v_store, batch: AttentionBatch, scale:
         lo, hi = batch.query_start[b], batch.query_start[b + 1]
         if hi == lo:
             continue
-        keys = torch.arange(batch.context_lens_host[b] - (hi - lo), device=q.device)
-        prefix = batch.block_tables[b, keys // batch.block_size].long() * batch.block_size + keys % batch.block_size
+        prefix = _context_slots(batch, b, torch.arange(batch.context_lens_host[b] - (hi - lo), device=q.device))
         o = attend_after_prefix(q[lo:hi], k[lo:hi], v[lo:hi], k_store[prefix], v_store[prefix], scale)
         if hi - lo == q.shape[0]:  # the step's one sequence (a long prompt's case): no copy where o is contiguous
             return o.contiguous()
