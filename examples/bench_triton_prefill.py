@@ -3,10 +3,11 @@
 Llama-3.1-8B attention shapes on one rank (32 query heads, 8 KV heads, head_dim 128, bf16, block 16), four steps:
 (a) 16 sequences of 128 new tokens after 2,048 cached, (b) 64 whole prompts of 512 tokens, (c) one 8,192-token
 chunk after 24,576 cached, (d) one 4,096-token chunk after 28,672 (a 32k prompt's last chunk at the default
-budget). The kernel runs with the tiles ``attend`` picks for the step's longest context. *old* is ``_attend_by_sequence`` (flash SDPA for a whole prompt, a masked gather of the
-context otherwise), *new* is ``attend`` on GPU (the kernel plus its row bookkeeping), *kernel* the bare call. Each
-is ``triton.testing.do_bench`` (L2 flushed, launch cost included). TFLOP/s counts the causal work only:
-4 x head_dim x q heads per visible (query, key) pair.
+budget). The kernel runs with the tiles ``attend`` picks for the step's longest context. *old* is
+``_attend_by_sequence`` (flash SDPA for a whole prompt, a masked gather of the context otherwise), *new* is
+``attend`` on GPU (the kernel plus its row bookkeeping, or cuDNN for long chunks), *kernel* the bare call. Each is
+``triton.testing.do_bench`` (L2 flushed, launch cost included). TFLOP/s counts the causal work only: 4 x head_dim
+x q heads per visible (query, key) pair.
 
 Run: ``PYTHONPATH=src python examples/bench_triton_prefill.py [--sweep] [--out prefill.json]``.
 """
