@@ -4,12 +4,14 @@
 
 64 requests of a shared 2,048-token system prompt + a 128-token user part each, 64 new tokens (EOS ignored),
 16 in flight at a time (closed loop); TTFT p50 and output tokens/s with ``enable_prefix_caching`` on and off.
+``--step-overhead-tokens none`` admits each wave in one step (no burst split, :func:`shiftlib.engine.scheduler.burst_share`).
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
+import inspect
 import json
 import statistics
 import time
@@ -20,8 +22,8 @@ import shiftlib
 from shiftlib.presets import preset_config, random_model
 
 
-def run(model, prompts: list[list[int]], concurrency: int, new: int, caching: bool) -> dict:
-    engine = shiftlib.Engine(model, enable_prefix_caching=caching)
+def run(model, prompts: list[list[int]], concurrency: int, new: int, caching: bool, overhead: int | None) -> dict:
+    engine = shiftlib.Engine(model, enable_prefix_caching=caching, step_overhead_tokens=overhead)
     params = shiftlib.SamplingParams(max_new_tokens=new, ignore_eos=True)
     engine.generate(prompts[:2], params)  # warm-up (and, with caching, the system prompt is cached from here)
     pending, running, ttft = list(prompts), set(), []
@@ -50,6 +52,8 @@ def main() -> None:
     ap.add_argument("--user", type=int, default=128)
     ap.add_argument("--new", type=int, default=64)
     ap.add_argument("--concurrency", type=int, default=16)
+    ap.add_argument("--step-overhead-tokens", type=lambda s: None if s == "none" else int(s),
+                    default=inspect.signature(shiftlib.Engine).parameters["step_overhead_tokens"].default)
     ap.add_argument("--out", default="prefix.json")
     args = ap.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -64,8 +68,9 @@ def main() -> None:
     other = torch.randint(0, vocab, (args.system,), generator=g).tolist()
     warm = [other + torch.randint(0, vocab, (args.user,), generator=g).tolist() for _ in range(2 * args.concurrency)]
     for caching in (False, True):
-        run(model, warm, args.concurrency, args.new, caching)
-    result = {"args": vars(args), "runs": [run(model, prompts, args.concurrency, args.new, c) for c in (False, True)]}
+        run(model, warm, args.concurrency, args.new, caching, args.step_overhead_tokens)
+    runs = [run(model, prompts, args.concurrency, args.new, c, args.step_overhead_tokens) for c in (False, True)]
+    result = {"args": vars(args), "runs": runs}
     off, on = result["runs"]
     result["ttft_ratio_off_over_on"] = off["ttft_ms_p50"] / on["ttft_ms_p50"]
     result["throughput_ratio_on_over_off"] = on["output_tok_per_s"] / off["output_tok_per_s"]

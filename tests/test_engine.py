@@ -12,7 +12,7 @@ from helpers import ALL_FAMILIES, SHAPES, hf_greedy, parallel, prompts, rel_erro
 from shiftlib import Engine, SamplingParams
 from shiftlib.cache import BlockAllocator
 from shiftlib.engine.sampler import filter_logits, sample
-from shiftlib.engine.scheduler import Scheduler
+from shiftlib.engine.scheduler import Scheduler, burst_share
 from shiftlib.engine.sequence import Sequence, Status
 
 LENGTHS = (5, 17, 30)
@@ -46,13 +46,13 @@ def test_greedy_tokens_equal_hugging_face_in_every_mode_mesh_and_family(ranks, w
 
 
 def _staggered(tp: int, sp: int, num_blocks: int, block_size: int, budget: int, threshold: int, lengths, arrivals,
-               family: str = "llama", prefill: int | None = None, **overrides) -> tuple:
+               family: str = "llama", prefill: int | None = None, overhead: int | None = 256, **overrides) -> tuple:
     """Requests join at different steps; the cache may be too small for all of them (preemption)."""
     ps = prompts(lengths, seed=len(lengths))
     want = [hf_greedy(family, p, NEW, **overrides) for p in ps]
     model = parallel(family, tp, sp, **overrides)
     engine = Engine(model, num_blocks=num_blocks, block_size=block_size, max_num_tokens=budget, threshold=threshold,
-                    max_prefill_tokens=prefill or budget)
+                    max_prefill_tokens=prefill or budget, step_overhead_tokens=overhead)
     ids, step = {}, 0
     while len(ids) < len(ps) or engine.has_unfinished:
         for i, at in enumerate(arrivals):
@@ -149,6 +149,29 @@ def test_requests_stop_on_eos_stop_tokens_and_length_with_exactly_their_tokens(r
         assert got["zero"] == ([], "length")
 
 
+def test_a_burst_of_short_prompts_is_spread_over_steps_only_where_that_lowers_ttft():
+    def admitted(step_overhead, waiting: int, prompt: int, running: int = 0) -> list[int]:
+        scheduler = Scheduler(BlockAllocator(8192), 16, max_num_tokens=4096, max_num_seqs=256, max_prefill_tokens=2048,
+                              step_overhead_tokens=step_overhead)
+        for i in range(running):
+            seq = Sequence(i, [1] * 8, SamplingParams(), None, output=[1], status=Status.RUNNING, num_cached=8)
+            seq.blocks = scheduler.allocator.allocate(1)
+            scheduler.running.append(seq)
+        scheduler.waiting.extend(Sequence(running + i, [1] * prompt, SamplingParams(), None) for i in range(waiting))
+        steps = []
+        while scheduler.waiting:
+            plan = scheduler.schedule(lambda n: "tp")
+            steps.append(sum(1 for seq, n in plan.work if n == prompt))
+            scheduler.advance(plan)
+        return steps
+
+    assert admitted(256, 16, 128) == [6, 7, 3]  # at an idle engine: sqrt(256 * 128 * 16) = 724 tokens, then 849
+    assert admitted(None, 16, 128) == [16]
+    assert admitted(256, 4, 128, running=16) == [4]  # under load the split would delay the running more than it saves
+    assert admitted(256, 32, 2048) == admitted(None, 32, 2048) == [2] * 16  # a big burst of long prompts: the budget
+    assert burst_share(256, 128, 16, 0) == pytest.approx(724.1, abs=0.1)
+
+
 def test_prefill_chunks_are_capped_while_decodes_run():
     scheduler = Scheduler(BlockAllocator(64), 4, max_num_tokens=32, max_num_seqs=8, max_prefill_tokens=6)
     decoding = [Sequence(i, [1, 2], SamplingParams(), None, output=[3]) for i in range(3)]
@@ -174,14 +197,16 @@ def test_prefill_chunks_are_capped_while_decodes_run():
     budget=st.integers(4, 48),
     prefill=st.integers(1, 48),
     spare_blocks=st.integers(0, 40),
+    overhead=st.sampled_from([None, 1, 4, 256]),  # 1 and 4 split bursts into steps of one or two prompts
     shape=st.sampled_from(SHAPES[2]),
 )
-def test_any_schedule_gives_hugging_face_tokens(ranks, lengths, block_size, threshold, budget, prefill, spare_blocks, shape):
+def test_any_schedule_gives_hugging_face_tokens(ranks, lengths, block_size, threshold, budget, prefill, spare_blocks, overhead,
+                                                shape):
     # Enough blocks for the longest request alone, plus a random margin: sometimes preemption, never a stall.
     need = -(-(max(lengths) + NEW) // block_size)
     arrivals = tuple(range(len(lengths)))
     results = ranks(2).run(_staggered, *shape, need + spare_blocks, block_size, budget, threshold, tuple(lengths), arrivals,
-                           prefill=prefill)
+                           prefill=prefill, overhead=overhead)
     assert all(ok for ok, _, _, _ in results)
 
 

@@ -12,13 +12,13 @@ from shiftlib.cache import BlockAllocator
 NEW = 6
 
 
-def _shared_prefixes(tp, sp, block_size, num_blocks, shared, tails, threshold, budget, caching) -> tuple:
+def _shared_prefixes(tp, sp, block_size, num_blocks, shared, tails, threshold, budget, overhead, caching) -> tuple:
     """Request i (a common ``shared``-token prefix + its own tail) arrives at step 2i; returns whether every
     request got its Hugging Face tokens, whether every block is free again, and the tokens the model ran."""
     base = prompts((shared,), seed=shared)[0]
     ps = [base + tail for tail in prompts(tails, seed=len(tails))]
     engine = Engine(parallel("llama", tp, sp), num_blocks=num_blocks, block_size=block_size, threshold=threshold,
-                    max_num_tokens=budget, enable_prefix_caching=caching)
+                    max_num_tokens=budget, step_overhead_tokens=overhead, enable_prefix_caching=caching)
     ids, step = [], 0
     while len(ids) < len(ps) or engine.has_unfinished:
         if step % 2 == 0 and len(ids) < len(ps):
@@ -40,14 +40,16 @@ def _shared_prefixes(tp, sp, block_size, num_blocks, shared, tails, threshold, b
     spare=st.integers(0, 30),
     threshold=st.integers(0, 30),
     budget=st.integers(8, 64),
+    overhead=st.sampled_from([None, 1, 256]),
     shape=st.sampled_from(SHAPES[2]),
 )
 # A request preempted while a step is in flight: its blocks are offered before they are freed, so it restarts on them.
-@example(shared=6, tails=[7, 8, 12], block_size=4, spare=6, threshold=0, budget=45, shape=(1, 2))
-def test_prefix_hits_give_the_same_tokens_as_misses_and_leak_no_block(ranks, shared, tails, block_size, spare, threshold, budget, shape):
+@example(shared=6, tails=[7, 8, 12], block_size=4, spare=6, threshold=0, budget=45, overhead=256, shape=(1, 2))
+def test_prefix_hits_give_the_same_tokens_as_misses_and_leak_no_block(ranks, shared, tails, block_size, spare, threshold, budget,
+                                                                       overhead, shape):
     # From one request's worth of blocks (preemption, eviction) to room for all; modes switch by the threshold.
     need = -(-(shared + max(tails) + NEW) // block_size)
-    args = (*shape, block_size, need + spare, shared, tuple(tails), threshold, budget)
+    args = (*shape, block_size, need + spare, shared, tuple(tails), threshold, budget, overhead)
     for (ok, no_leaks, ran, _), (ok_off, no_leaks_off, ran_off, _) in zip(ranks(2).run(_shared_prefixes, *args, True),
                                                                      ranks(2).run(_shared_prefixes, *args, False)):
         assert ok and ok_off and no_leaks and no_leaks_off
@@ -56,7 +58,7 @@ def test_prefix_hits_give_the_same_tokens_as_misses_and_leak_no_block(ranks, sha
 
 def test_a_shared_prefix_is_run_once_in_sp_mode_and_reused_across_modes(ranks):
     # 4 ranks as 1 x 4: prefill chunks of the later requests start mid-prompt, their tokens split over 4 sp ranks.
-    for ok, no_leaks, ran, _ in ranks(4).run(_shared_prefixes, 1, 4, 4, 64, 32, (5, 7, 3), 4, 64, True):
+    for ok, no_leaks, ran, _ in ranks(4).run(_shared_prefixes, 1, 4, 4, 64, 32, (5, 7, 3), 4, 64, 256, True):
         assert ok and no_leaks
         assert ran == 32 + 5 + 7 + 3 + 3 * (NEW - 1)  # the 32 shared tokens ran once: 8 blocks reused twice
 

@@ -47,6 +47,7 @@ ALL_TO_ALL_2XH200 = ((0, 0.034), (32768 * 4096 * 2, 0.53))
 H200_BYTES = 139 * 2**30  # usable HBM per GPU, as torch reports it
 BYTES_BF16 = 2
 MAX_PREFILL_TOKENS = inspect.signature(Engine).parameters["max_prefill_tokens"].default  # what the loads run with
+STEP_OVERHEAD_TOKENS = inspect.signature(Engine).parameters["step_overhead_tokens"].default
 MIXED_DECODE_TOKENS = 64  # new tokens of the requests that decode through a mixed-step measurement
 
 
@@ -554,7 +555,7 @@ class CostModel:
         replicas = min(P, concurrency) if config == "dp" else 1
         c = math.ceil(concurrency / replicas)
         trace = simulate.closed_loop(c, waves * c, input_len, output_len, self.max_num_tokens,
-                                     self.max_prefill_tokens, max(256, c))  # fmt: skip
+                                     self.max_prefill_tokens, max(256, c), STEP_OVERHEAD_TOKENS)  # fmt: skip
 
         def step(prefill: int, decode: int, sampled: int) -> float:
             if config == "shift":

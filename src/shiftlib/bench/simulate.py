@@ -31,13 +31,14 @@ class Trace:
 
 @functools.lru_cache(maxsize=256)
 def closed_loop(concurrency: int, requests: int, input_len: int, output_len: int, max_num_tokens: int,
-                max_prefill_tokens: int, max_num_seqs: int, block_size: int = 16) -> Trace:  # fmt: skip
+                max_prefill_tokens: int, max_num_seqs: int, step_overhead_tokens: int | None,
+                block_size: int = 16) -> Trace:  # fmt: skip
     """The steps of ``requests`` requests of ``input_len`` prompt and ``output_len`` new tokens, ``concurrency`` in
     flight (a new one arrives as one finishes), on a cache that never preempts, as the benchmark's prompts
     (random: no prefix hits) run on an engine with these settings."""
     blocks = concurrency * (-(-(input_len + output_len) // block_size) + 1) + 1
     scheduler = Scheduler(BlockAllocator(blocks), block_size, max_num_tokens, max_num_seqs, max_prefill_tokens,
-                          prefix_caching=False)  # fmt: skip
+                          prefix_caching=False, step_overhead_tokens=step_overhead_tokens)  # fmt: skip
     todo, live = deque(range(requests)), 0
     arrived, first, last, steps = {}, {}, {}, []
 

@@ -73,6 +73,10 @@ class Engine:
         max_num_tokens: token budget of one step (prefills are chunked to fit it).
         max_prefill_tokens: prefill tokens a step may take while decodes run in it: bounds how long a decode
             waits behind prefills (TPOT), at some cost in prefill throughput.
+        step_overhead_tokens: a step's fixed cost (reading the weights) in prompt tokens of compute, about the GPU's
+            ridge point (~200-300 in bf16 on H100/H200); the scheduler spreads a burst of short prompts over a few
+            steps where that lowers their TTFT (:func:`shiftlib.engine.scheduler.burst_share`). ``None``: admit
+            while the budget allows.
         max_num_seqs: requests running at once.
         mode: ``"auto"`` (switch by the step's token count), ``"tp"`` or ``"sp"``.
         threshold: the switch point in tokens; ``None`` keeps the model's.
@@ -108,6 +112,7 @@ class Engine:
         block_size: int = 16,
         max_num_tokens: int = 4096,
         max_prefill_tokens: int = 2048,
+        step_overhead_tokens: int | None = 256,
         max_num_seqs: int = 256,
         mode: str = "auto",
         threshold: int | None = None,
@@ -135,7 +140,7 @@ class Engine:
         self.cache = kv_cache(model, self.shift, num_blocks, block_size, memory_fraction, max_num_tokens, max_num_seqs,
                               rows if graphs else 0)
         self.scheduler = Scheduler(BlockAllocator(self.cache.num_blocks), block_size, max_num_tokens, max_num_seqs,
-                                   max_prefill_tokens, enable_prefix_caching)
+                                   max_prefill_tokens, enable_prefix_caching, step_overhead_tokens)
         self.runner = Runner(model, self.shift, self.cache, self.max_context, graphs, max_graph_batch, mixed, max_num_seqs)
         self.stop_ids = eos_ids(model)
         self.speculator = speculator(speculative, num_speculative_tokens, speculative_max_batch)
