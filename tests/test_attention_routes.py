@@ -66,18 +66,21 @@ def test_a_step_with_no_prefill_rows_is_not_sent_to_sdpa():
     kv_heads=st.sampled_from([1, 2, 4]),
     group=st.sampled_from([1, 3]),
     block_size=st.sampled_from([1, 4, 16]),
+    layout=st.sampled_from(["ascending", "descending", "scattered"]),
     seed=st.integers(0, 2**16),
 )
 def test_a_chunk_split_into_its_prefix_and_itself_is_exact(chunks, kv_heads: int, group: int, block_size: int,
-                                                           seed: int):
-    """The long-chunk route's arithmetic (two attentions merged by log-sum-exp) against the masked path, float64."""
+                                                           layout: str, seed: int):
+    """The long-chunk route's arithmetic (two attentions merged by log-sum-exp) against the masked path, float64;
+    a prefix on consecutive blocks (in either order) is read in place, one scattered through the cache gathered."""
     g = torch.Generator().manual_seed(seed)
     starts, lens = [0], []
     for cached, new in chunks:
         starts.append(starts[-1] + new)
         lens.append(cached + new)
     blocks = [-(-n // block_size) for n in lens]
-    order = torch.randperm(sum(blocks), generator=g).int()  # blocks scattered through the cache
+    order = {"ascending": torch.arange(sum(blocks)), "descending": torch.arange(sum(blocks)).flip(0),
+             "scattered": torch.randperm(sum(blocks), generator=g)}[layout].int()
     tables = torch.zeros(len(chunks), max(blocks), dtype=torch.int32)
     for b, (lo, n) in enumerate(zip([0, *torch.tensor(blocks).cumsum(0).tolist()], blocks)):
         tables[b, :n] = order[lo : lo + n]
@@ -85,7 +88,12 @@ def test_a_chunk_split_into_its_prefix_and_itself_is_exact(chunks, kv_heads: int
     seq = torch.repeat_interleave(torch.arange(len(chunks)), torch.tensor([n for _, n in chunks]))
     slots = tables[seq, pos // block_size].long() * block_size + pos % block_size
     batch = AttentionBatch(query_pos=pos, write_slots=slots, block_tables=tables, block_size=block_size,
-                           context_lens=torch.tensor(lens), query_start=starts, context_lens_host=lens)  # fmt: skip
+                           context_lens=torch.tensor(lens), query_start=starts, context_lens_host=lens,
+                           block_tables_host=[tables[b, :n].tolist() for b, n in enumerate(blocks)])  # fmt: skip
+    in_place = [start is not None for start in batch.prefix_in_place]
+    whole_blocks = [cached > 0 and (layout == "ascending" or cached % block_size == 0 or cached <= block_size)
+                    for cached, _ in chunks]  # a descending run's part-filled last block is the range's first
+    assert in_place == whole_blocks or layout == "scattered"
     d, rows = 8, starts[-1]
     q = torch.randn(rows, kv_heads * group, d, generator=g, dtype=torch.float64)
     slots_in_cache = sum(blocks) * block_size

@@ -39,6 +39,7 @@ class AttentionBatch:
     # decodes (B + 1,). Sequences past the step's are empty.
     decode_lens: torch.Tensor | None = None
     prefill_start: torch.Tensor | None = None
+    block_tables_host: list[list[int]] | None = None  # the host's block lists, for ``prefix_in_place``
 
     @property
     def num_tokens(self) -> int:
@@ -56,6 +57,23 @@ class AttentionBatch:
         qs = self.query_start
         live = [qs[b + 1] - qs[b] for b in range(self.num_decodes, len(self.context_lens_host)) if qs[b + 1] > qs[b]]
         return bool(live) and min(live) >= SDPA_LONG_CHUNK
+
+    @cached_property
+    def prefix_in_place(self) -> list[int | None]:
+        """Per sequence, the first cache slot of a range that holds exactly its prefix (the context before its new
+        rows), so that a view of the cache serves as the prefix's K/V; else ``None``. Every prefix key is visible to
+        every new row, so their order does not matter: the prefix's blocks need only be consecutive ids in any order
+        (a long prompt on fresh blocks, or on evicted ones, which come tail first), with a part-filled last block
+        at the range's end."""
+        tables, qs, bs = self.block_tables_host or [], self.query_start, self.block_size
+        starts = []
+        for b, length in enumerate(self.context_lens_host):
+            length -= qs[b + 1] - qs[b]
+            blocks = tables[b][: -(-length // bs)] if b < len(tables) else []
+            lo, hi = (min(blocks), max(blocks)) if blocks else (0, -1)
+            in_place = bool(blocks) and hi - lo == len(blocks) - 1 and (length % bs == 0 or blocks[-1] == hi)
+            starts.append(lo * bs if in_place else None)
+        return starts
 
     @cached_property
     def query_start_device(self) -> torch.Tensor:
@@ -335,8 +353,13 @@ def _attend_long_chunks(q, k, v, k_store, v_store, batch: AttentionBatch, scale:
         lo, hi = batch.query_start[b], batch.query_start[b + 1]
         if hi == lo:
             continue
-        prefix = _context_slots(batch, b, torch.arange(batch.context_lens_host[b] - (hi - lo), device=q.device))
-        o = attend_after_prefix(q[lo:hi], k[lo:hi], v[lo:hi], k_store[prefix], v_store[prefix], scale)
+        length, start = batch.context_lens_host[b] - (hi - lo), batch.prefix_in_place[b]
+        if start is None:  # gathered: up to 28k tokens' K/V copied a layer for the last chunk of a 32k prompt
+            prefix = _context_slots(batch, b, torch.arange(length, device=q.device))
+            k_prefix, v_prefix = k_store[prefix], v_store[prefix]
+        else:
+            k_prefix, v_prefix = k_store[start : start + length], v_store[start : start + length]
+        o = attend_after_prefix(q[lo:hi], k[lo:hi], v[lo:hi], k_prefix, v_prefix, scale)
         if hi - lo == q.shape[0]:  # the step's one sequence (a long prompt's case): no copy where o is contiguous
             return o.contiguous()
         if out is None:

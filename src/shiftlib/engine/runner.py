@@ -119,6 +119,7 @@ class Runner:
             context_lens=lens.int(),
             query_start=query_start,
             context_lens_host=context_lens,
+            block_tables_host=tables,
             decode=len(tables) == len(tokens),
             num_decodes=next((b for b in range(len(tables)) if query_start[b + 1] - query_start[b] > 1), len(tables)),
         )
