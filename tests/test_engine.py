@@ -170,6 +170,8 @@ def test_a_burst_of_short_prompts_is_spread_over_steps_only_where_that_lowers_tt
     assert admitted(256, 4, 128, running=16) == [4]  # under load the split would delay the running more than it saves
     assert admitted(256, 32, 2048) == admitted(None, 32, 2048) == [2] * 16  # a big burst of long prompts: the budget
     assert burst_share(256, 128, 16, 0) == pytest.approx(724.1, abs=0.1)
+    with pytest.raises(ValueError, match="step_overhead_tokens must be >= 1"):
+        admitted(0, 1, 8)
 
 
 def test_prefill_chunks_are_capped_while_decodes_run():

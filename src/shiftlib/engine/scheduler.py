@@ -57,6 +57,9 @@ class Scheduler:
         if min(max_num_tokens, max_num_seqs, max_prefill_tokens) < 1:
             raise ValueError(f"max_num_tokens, max_num_seqs and max_prefill_tokens must be >= 1, got {max_num_tokens}, "
                              f"{max_num_seqs}, {max_prefill_tokens}")
+        if step_overhead_tokens is not None and step_overhead_tokens < 1:
+            raise ValueError(f"step_overhead_tokens must be >= 1 (about the GPU's ridge point, 256 on an H200) or None "
+                             f"(no burst split), got {step_overhead_tokens}")
         self.allocator, self.block_size, self.prefix_caching = allocator, block_size, prefix_caching
         self.step_overhead_tokens = step_overhead_tokens
         self.max_num_tokens, self.max_num_seqs, self.max_prefill_tokens = max_num_tokens, max_num_seqs, max_prefill_tokens
