@@ -4,8 +4,8 @@
 
 64 requests of a shared 2,048-token system prompt + a 128-token user part each, 64 new tokens (EOS ignored),
 16 in flight at a time (closed loop); TTFT p50 and output tokens/s with ``enable_prefix_caching`` on and off.
-``--step-overhead-tokens none`` admits each wave in one step (no burst split:
-:func:`shiftlib.engine.scheduler.burst_share`).
+``--step-overhead-tokens 256`` spreads each wave over a few steps (:func:`shiftlib.engine.scheduler.burst_share`;
+``none``, the engine's default, admits it in one).
 """
 
 from __future__ import annotations

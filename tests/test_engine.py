@@ -46,7 +46,7 @@ def test_greedy_tokens_equal_hugging_face_in_every_mode_mesh_and_family(ranks, w
 
 
 def _staggered(tp: int, sp: int, num_blocks: int, block_size: int, budget: int, threshold: int, lengths, arrivals,
-               family: str = "llama", prefill: int | None = None, overhead: int | None = 256, **overrides) -> tuple:
+               family: str = "llama", prefill: int | None = None, overhead: int | None = None, **overrides) -> tuple:
     """Requests join at different steps; the cache may be too small for all of them (preemption)."""
     ps = prompts(lengths, seed=len(lengths))
     want = [hf_greedy(family, p, NEW, **overrides) for p in ps]

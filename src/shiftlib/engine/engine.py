@@ -73,10 +73,11 @@ class Engine:
         max_num_tokens: token budget of one step (prefills are chunked to fit it).
         max_prefill_tokens: prefill tokens a step may take while decodes run in it: bounds how long a decode
             waits behind prefills (TPOT), at some cost in prefill throughput.
-        step_overhead_tokens: a step's fixed cost (reading the weights) in prompt tokens of compute, about the GPU's
-            ridge point (~200-300 in bf16 on H100/H200); the scheduler spreads a burst of short prompts over a few
-            steps where that lowers their TTFT (:func:`shiftlib.engine.scheduler.burst_share`). ``None``: admit
-            while the budget allows.
+        step_overhead_tokens: ``None`` (default) admits new requests while the budget allows. A number, a step's
+            fixed cost (reading the weights) in prompt tokens of compute, about the GPU's ridge point (256 on an
+            H200), spreads a burst of short prompts over a few steps (:func:`shiftlib.engine.scheduler.burst_share`):
+            on the H200 that cut a prefix-cached burst's TTFT by a fifth, but cost a closed loop of 512-token prompts
+            at c = 16 an eighth of its throughput (docs/engine.md), so it is for bursts of short prompts.
         max_num_seqs: requests running at once.
         mode: ``"auto"`` (switch by the step's token count), ``"tp"`` or ``"sp"``.
         threshold: the switch point in tokens; ``None`` keeps the model's.
@@ -112,7 +113,7 @@ class Engine:
         block_size: int = 16,
         max_num_tokens: int = 4096,
         max_prefill_tokens: int = 2048,
-        step_overhead_tokens: int | None = 256,
+        step_overhead_tokens: int | None = None,
         max_num_seqs: int = 256,
         mode: str = "auto",
         threshold: int | None = None,
