@@ -60,15 +60,15 @@ class AttentionBatch:
 
     @cached_property
     def prefix_in_place(self) -> list[int | None]:
-        """Per sequence, the first cache slot of a range that holds exactly its prefix (the context before its new
-        rows), so that a view of the cache serves as the prefix's K/V; else ``None``. Every prefix key is visible to
-        every new row, so their order does not matter: the prefix's blocks need only be consecutive ids in any order
-        (a long prompt on fresh blocks, or on evicted ones, which come tail first), with a part-filled last block
-        at the range's end."""
+        """Per sequence past the decodes, the first cache slot of a range that holds exactly its prefix (the context
+        before its new rows), so that a view of the cache serves as the prefix's K/V; else ``None``. Every prefix key is
+        visible to every new row, so their order does not matter: the prefix's blocks need only be consecutive ids in
+        any order (a long prompt on fresh blocks, or on evicted ones, which come tail first), with a part-filled last
+        block at the range's end."""
         tables, qs, bs = self.block_tables_host or [], self.query_start, self.block_size
-        starts = []
-        for b, length in enumerate(self.context_lens_host):
-            length -= qs[b + 1] - qs[b]
+        starts: list[int | None] = [None] * self.num_decodes  # the decode kernel reads their contexts
+        for b in range(self.num_decodes, len(self.context_lens_host)):
+            length = self.context_lens_host[b] - (qs[b + 1] - qs[b])
             blocks = tables[b][: -(-length // bs)] if b < len(tables) else []
             lo, hi = (min(blocks), max(blocks)) if blocks else (0, -1)
             in_place = bool(blocks) and hi - lo == len(blocks) - 1 and (length % bs == 0 or blocks[-1] == hi)

@@ -44,9 +44,9 @@ def burst_share(step_overhead: int, mean_prompt: float, waiting: int, running: i
     engine and raises its TTFT in the closed-loop simulation) makes the sum least at
     m = sqrt(bW / (a (1 + 2 running / n))), so a step takes W / m = sqrt(step_overhead mean_prompt (n + 2 running))
     of them. Under load (many running, or long prompts) that is past the budget and nothing changes; 16 prompts
-    of 128 tokens at an idle engine go as 6, 7 and 3. The real engine disagreed with this model at one load: in a closed loop of 512-token prompts at c = 16 on an H200, the split cost 13 % of the
-    throughput and raised TTFT p50 by 31 %, where the simulator had it 22 % lower. So the engine leaves it off by
-    default.
+    of 128 tokens at an idle engine go as 6, 7 and 3. The real engine disagreed with this model at one load: in a
+    closed loop of 512-token prompts at c = 16 on an H200, the split cost 13 % of the throughput and raised TTFT
+    p50 by 31 %, where the simulator had it 22 % lower. So the engine leaves it off by default.
     """
     return math.sqrt(step_overhead * mean_prompt * (waiting + 2 * running))
 
