@@ -19,10 +19,10 @@ def _key(parent: object, seq: Sequence, i: int, bs: int) -> object:
 
 def claim(allocator: BlockAllocator, seq: Sequence, bs: int) -> None:
     """Start ``seq`` (no blocks yet) on the cached blocks of its longest cached prefix, short of its last
-    token: their tokens count as cached."""
-    parent = 0
-    for i in range((seq.num_tokens - 1) // bs):
-        parent = _key(parent, seq, i, bs)
+    token: their tokens count as cached. On the host between two steps, so the tokens are sliced once."""
+    tokens, parent = seq.token_slice(0, (seq.num_tokens - 1) // bs * bs), 0
+    for start in range(0, len(tokens), bs):
+        parent = hash(parent), tuple(tokens[start : start + bs])  # _key, on the slice
         if (block := allocator.cached.get(parent)) is None:
             break
         allocator.share(block)
