@@ -70,11 +70,15 @@ if triton is not None:
         tl.store(VC + row + HALF, tl.load(src + HALF, mask=mask, other=0.0).to(VC.dtype.element_ty), mask=mask)
 
 
+def _pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
 def rope_store(q, k, v, cos, sin, k_cache, v_cache, slots) -> tuple[torch.Tensor, torch.Tensor]:
     """q, k, v: (tokens, heads, d); cos, sin: (tokens, d); the caches (slots, kv heads, d), rows of unit stride;
     ``slots``: (tokens,). Returns the rotated q and k, contiguous."""
     n, hq, d = q.shape
-    hkv, pow2 = k.shape[1], triton.next_power_of_2
+    hkv = k.shape[1]
     q_out, k_out = q.new_empty(q.shape), k.new_empty(k.shape)
     if n == 0:
         return q_out, k_out
@@ -82,6 +86,6 @@ def rope_store(q, k, v, cos, sin, k_cache, v_cache, slots) -> tuple[torch.Tensor
         q, k, v, cos, sin, k_cache, v_cache, slots, q_out, k_out,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), cos.stride(0), sin.stride(0),
         k_cache.stride(0), k_cache.stride(1), q_out.stride(0), q_out.stride(1), k_out.stride(0), k_out.stride(1),
-        hq, hkv, HALF=d // 2, BLOCK_HQ=pow2(hq), BLOCK_HKV=pow2(hkv), BLOCK_HALF=pow2(d // 2), num_warps=4,
+        hq, hkv, HALF=d // 2, BLOCK_HQ=_pow2(hq), BLOCK_HKV=_pow2(hkv), BLOCK_HALF=_pow2(d // 2), num_warps=4,
     )  # fmt: skip
     return q_out, k_out
