@@ -16,7 +16,7 @@ import torch.nn.functional as F
 pytest.importorskip("triton")
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
-from shiftlib.triton_decode import _zeroed_counts, default_config, paged_decode
+from shiftlib.triton_decode import default_config, paged_decode
 
 DEVICE = "cuda"
 MIXED_LENS = [1, 17, 300, 2000, 0, 5]  # 0 is a padding row
@@ -114,7 +114,6 @@ def test_split_counts_agree(splits: int, dtype: torch.dtype):
     for window in (None, 100):
         out = paged_decode(q, kc, vc, bt, lens, 16, 0.1, window, config=cfg)
         check(out, reference(q, kc, vc, bt, lens, 16, 0.1, window), dtype)
-    assert (_zeroed_counts(q.device) == 0).all(), "the last program of each pair resets its counter"
 
 
 @pytest.mark.parametrize("head_dim", [96, 256])

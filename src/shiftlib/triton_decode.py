@@ -6,12 +6,11 @@ memory bandwidth: the kernel must read every cached byte once and keep enough lo
 * **GQA groups.** One program serves all ``hq // hkv`` query heads of a KV head, so each K/V tile is loaded once
   per group, not once per query head. The group is padded to 16 rows so the two products run on tensor cores.
 * **Split-K.** At batch 1 there are only ``hkv`` (sequence, KV head) pairs, far fewer than the GPU's SMs, so each
-  pair's context is cut into ``num_splits`` ranges handled by separate programs, and the last of a pair's programs
-  to finish merges their partial softmax states (a counter per pair, counted up with an atomic): a second merge
-  kernel cost a launch and a pass of latency per layer, ~0.1 ms of a 4.7 ms step at batch 1. The split count
-  depends on static shapes alone (batch, KV heads, block-table width, SM count), and each program derives its
-  token range from the context length on the device, so the call never syncs with the host and can be captured
-  in a CUDA graph. With one split the programs write the output directly.
+  pair's context is cut into ``num_splits`` ranges handled by separate programs, and a small second kernel merges
+  their partial softmax states. The split count depends on static shapes alone (batch, KV heads, block-table
+  width, SM count), and each program derives its token range from the context length on the device, so the call
+  never syncs with the host and can be captured in a CUDA graph. With one split the first kernel writes the
+  output directly and the merge is skipped.
 
 Triton's import is guarded, so a CPU-only install without it can still import this module; only calling
 :func:`paged_decode` needs it.
@@ -105,7 +104,7 @@ if triton is not None:
     # (each new one is a compile of about a second in the middle of serving).
     @triton.jit(do_not_specialize=["num_splits", "stride_btb"], do_not_specialize_on_alignment=["BT", "LENS"])
     def _split_kernel(
-        Q, K, V, BT, LENS, OUT, ACC, MS, LS, COUNTS,
+        Q, K, V, BT, LENS, OUT, ACC, MS, LS,
         qk_scale, window, num_splits,
         stride_qb, stride_qh, stride_qd,
         stride_ks, stride_kh, stride_kd,
@@ -113,7 +112,6 @@ if triton is not None:
         stride_ob, stride_oh, stride_od,
         G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
         BLOCK_N: tl.constexpr, BS: tl.constexpr, DIRECT: tl.constexpr, IEEE: tl.constexpr, GRANULE: tl.constexpr,
-        MERGE_H: tl.constexpr, MERGE_S: tl.constexpr,
     ):  # fmt: skip
         b = tl.program_id(0)
         kvh = tl.program_id(1)
@@ -184,62 +182,45 @@ if triton is not None:
             tl.store(MS + row, m_i, mask=live)
             tl.store(LS + row, l_i, mask=live)
             tl.store(ACC + row[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=live[:, None] & d_mask[None, :])
-            # Every thread's stores precede the counter's release; the program that counts last acquires them all.
-            tl.debug_barrier()
-            count = COUNTS + b * tl.num_programs(1) + kvh
-            if tl.atomic_add(count, 1, sem="acq_rel", scope="gpu") == num_splits - 1:
-                tl.store(count, 0)  # zero again for the next call (and graph replay): all programs have counted
-                _merge(ACC, MS, LS, OUT, b * stride_ob, kvh * G, (b * hq + kvh * G) * num_splits,
-                       tl.cdiv(L - lo, per), num_splits, stride_oh, stride_od,
-                       G, HEAD_DIM, BLOCK_D, MERGE_H, MERGE_S)  # fmt: skip
 
-    @triton.jit
-    def _merge(
-        ACC, MS, LS, OUT, out_offset, head0, row0, live, num_splits, stride_oh, stride_od,
-        G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, MERGE_H: tl.constexpr, MERGE_S: tl.constexpr,
+    @triton.jit(do_not_specialize=["num_splits"], do_not_specialize_on_alignment=["LENS"])
+    def _merge_kernel(
+        ACC, MS, LS, OUT, LENS,
+        window, num_splits,
+        stride_ob, stride_oh, stride_od,
+        HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, GRANULE: tl.constexpr,
     ):  # fmt: skip
-        """The G heads' live splits merged online, MERGE_S splits of every head per tile, so one tile usually
-        holds them all and the cost follows the live splits, not the static count. Loads bypass L1 (``.cg``):
-        the other programs' partials are in L2. The running max is kept as a [MERGE_H, BLOCK_D] tile of equal
-        values per head: a plain tile loop-carry."""
+        b = tl.program_id(0)
+        h = tl.program_id(1)
+        hq = tl.num_programs(1)
+        offs_s = tl.arange(0, BLOCK_S)
         offs_d = tl.arange(0, BLOCK_D)
         d_mask = offs_d < HEAD_DIM
-        offs_h = tl.arange(0, MERGE_H)
-        offs_s = tl.arange(0, MERGE_S)
-        m_run = tl.full([MERGE_H, BLOCK_D], float("-inf"), tl.float32)
-        num = tl.zeros([MERGE_H, BLOCK_D], tl.float32)
-        den = tl.zeros([MERGE_H, BLOCK_D], tl.float32)
-        for s0 in range(0, live, MERGE_S):
-            mask = (offs_h[:, None] < G) & (s0 + offs_s[None, :] < live)  # (MERGE_H, MERGE_S)
-            row = row0 + offs_h[:, None] * num_splits + s0 + offs_s[None, :]
-            m = tl.load(MS + row, mask=mask, other=float("-inf"), cache_modifier=".cg")
-            l = tl.load(LS + row, mask=mask, other=0.0, cache_modifier=".cg")
+        L, lo, per = _split_range(LENS, b, window, num_splits, GRANULE)
+        live = tl.cdiv(L - lo, per)  # none for a padding row
+        base = (b * hq + h) * num_splits
+
+        # Chunks of BLOCK_S live splits merged online, so the cost follows the live splits, not the static count.
+        # The running max is kept as a [BLOCK_D] vector of equal values: a plain vector loop-carry.
+        m_run = tl.full([BLOCK_D], float("-inf"), tl.float32)
+        num = tl.zeros([BLOCK_D], tl.float32)
+        den = tl.zeros([BLOCK_D], tl.float32)
+        for s0 in range(0, live, BLOCK_S):
+            s_mask = s0 + offs_s < live
+            row = base + s0 + offs_s
+            m = tl.load(MS + row, mask=s_mask, other=float("-inf"))
+            l = tl.load(LS + row, mask=s_mask, other=0.0)
             acc = tl.load(
-                ACC + row[:, :, None] * HEAD_DIM + offs_d[None, None, :],
-                mask=mask[:, :, None] & d_mask[None, None, :], other=0.0, cache_modifier=".cg",
-            )  # fmt: skip
-            m_new = tl.maximum(m_run, tl.max(m, 1)[:, None])  # finite for real heads: a chunk's first split is live
+                ACC + row[:, None] * HEAD_DIM + offs_d[None, :], mask=s_mask[:, None] & d_mask[None, :], other=0.0
+            )
+            m_new = tl.maximum(m_run, tl.max(m, 0))  # finite: a chunk's first split is live
             alpha = tl.exp2(m_run - m_new)
-            w = tl.exp2(m[:, :, None] - m_new[:, None, :])  # 0 for masked splits
-            num = num * alpha + tl.sum(acc * w, 1)
-            den = den * alpha + tl.sum(l[:, :, None] * w, 1)
+            w = tl.exp2(m[:, None] - m_new[None, :])  # (BLOCK_S, BLOCK_D), 0 for masked splits
+            num = num * alpha + tl.sum(acc * w, 0)
+            den = den * alpha + tl.sum(l[:, None] * w, 0)
             m_run = m_new
         out = tl.where(den > 0, num / den, 0.0)
-        heads = head0 + offs_h
-        tl.store(
-            OUT + out_offset + heads[:, None] * stride_oh + offs_d[None, :] * stride_od,
-            out.to(OUT.dtype.element_ty),
-            mask=(offs_h[:, None] < G) & d_mask[None, :],
-        )
-
-
-@functools.cache
-def _zeroed_counts(device: torch.device) -> torch.Tensor:
-    """One counter per (sequence, KV head) pair, zero between calls (the last program resets its own), shared by
-    every call on the device: calls on one stream run one after another. The split choice splits only while the
-    pairs are fewer than the SMs, so that many counters do. Made at the first call, which runs outside a graph
-    capture: a graph's warm-up (:meth:`shiftlib.engine.runner.Runner._graph`) or any eager step."""
-    return torch.zeros(_sm_count(device), dtype=torch.int32, device=device)
+        tl.store(OUT + b * stride_ob + h * stride_oh + offs_d * stride_od, out.to(OUT.dtype.element_ty), mask=d_mask)
 
 
 def paged_decode(
@@ -291,16 +272,17 @@ def paged_decode(
         partials = torch.empty(rows * (d + 2), dtype=torch.float32, device=q.device)
         acc, ms, ls = partials[: rows * d], partials[rows * d : rows * (d + 1)], partials[rows * (d + 1) :]
 
-    counts = _zeroed_counts(q.device)
-    if not direct and batch * hkv > counts.numel():  # a forced split count past the SMs: counters of its own
-        counts = torch.zeros(batch * hkv, dtype=torch.int32, device=q.device)
-    merge_h = _pow2(group)
     _split_kernel[(batch, hkv, splits)](
-        q, k_cache, v_cache, block_tables, context_lens, out, acc, ms, ls, counts,
+        q, k_cache, v_cache, block_tables, context_lens, out, acc, ms, ls,
         scale * _LOG2E, window_arg, splits,
         *q.stride(), *k_cache.stride(), *block_tables.stride(), *out.stride(),
-        G=group, HEAD_DIM=d, BLOCK_H=max(16, merge_h), BLOCK_D=block_d,
+        G=group, HEAD_DIM=d, BLOCK_H=max(16, _pow2(group)), BLOCK_D=block_d,
         BLOCK_N=cfg.block_n, BS=block_size, DIRECT=direct, IEEE=q.dtype == torch.float32, GRANULE=_GRANULE,
-        MERGE_H=merge_h, MERGE_S=max(1, 64 // merge_h), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
+    if not direct:
+        _merge_kernel[(batch, hq)](
+            acc, ms, ls, out, context_lens, window_arg, splits, *out.stride(),
+            HEAD_DIM=d, BLOCK_S=16, BLOCK_D=block_d, GRANULE=_GRANULE, num_warps=4,
+        )  # fmt: skip
     return out

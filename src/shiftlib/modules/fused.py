@@ -82,13 +82,7 @@ def rope_qk(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tens
 
 
 def rope_store(q, k, v, cos, sin, k_cache, v_cache, slots) -> tuple[torch.Tensor, torch.Tensor]:
-    """RoPE, then the step's K/V into their cache slots: one kernel on GPU (:mod:`shiftlib.triton_rope`), where
-    compiling this formula gives three."""
-    if _COMPILE and q.is_cuda:
-        from shiftlib import triton_rope  # Triton is imported only where a GPU runs it
-
-        if triton_rope.supports(q, k, v, cos, sin, k_cache, v_cache):
-            return triton_rope.rope_store(q, k, v, cos, sin, k_cache, v_cache, slots)
+    """RoPE, then the step's K/V into their cache slots: one kernel on GPU instead of five."""
     return _on(_rope_store, q)(q, k, v, cos, sin, k_cache, v_cache, slots)
 
 
