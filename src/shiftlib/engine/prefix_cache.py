@@ -13,8 +13,8 @@ from shiftlib.cache import BlockAllocator
 from shiftlib.engine.sequence import Sequence
 
 
-def _key(parent: object, seq: Sequence, i: int, bs: int) -> object:
-    return hash(parent), tuple(seq.token_slice(i * bs, (i + 1) * bs))
+def _key(parent: object, tokens: list[int]) -> object:
+    return hash(parent), tuple(tokens)
 
 
 def claim(allocator: BlockAllocator, seq: Sequence, bs: int) -> None:
@@ -22,7 +22,7 @@ def claim(allocator: BlockAllocator, seq: Sequence, bs: int) -> None:
     token: their tokens count as cached. On the host between two steps, so the tokens are sliced once."""
     tokens, parent = seq.token_slice(0, (seq.num_tokens - 1) // bs * bs), 0
     for start in range(0, len(tokens), bs):
-        parent = hash(parent), tuple(tokens[start : start + bs])  # _key, on the slice
+        parent = _key(parent, tokens[start : start + bs])
         if (block := allocator.cached.get(parent)) is None:
             break
         allocator.share(block)
@@ -35,5 +35,5 @@ def offer(allocator: BlockAllocator, seq: Sequence, bs: int) -> None:
     """Offer the full blocks of ``seq`` that steps filled since the last offer for reuse by later requests, up to
     its first token still on the device (its K/V are on their way, but a key needs the token)."""
     for i in range(len(seq.keys), min(seq.num_cached, seq.num_tokens - seq.inflight) // bs):
-        seq.keys.append(_key(seq.keys[-1] if seq.keys else 0, seq, i, bs))
+        seq.keys.append(_key(seq.keys[-1] if seq.keys else 0, seq.token_slice(i * bs, (i + 1) * bs)))
         allocator.cache(seq.blocks[i], seq.keys[-1])
